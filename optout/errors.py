@@ -1,0 +1,47 @@
+"""The exception tree of optout.
+
+    OptoutError                 anything optout reports as one clear line (the CLI's exit code in brackets)
+    ├── ConfigError             a config file or environment value is wrong (3)
+    ├── LexiconError            a phrase table does not load (3)
+    ├── InputError              a file or mailbox given to the CLI cannot be read (4)
+    └── StoreError              the database cannot be used (5)
+        └── TransientError      try again later: the database is busy or locked (75, EX_TEMPFAIL)
+
+Core modules raise only LexiconError; parsing never raises on bad mail.
+"""
+
+
+class OptoutError(Exception):
+    """An error optout reports as one clear line."""
+
+    exit_code = 1
+
+
+class ConfigError(OptoutError):
+    """A config file or environment value is wrong."""
+
+    exit_code = 3
+
+
+class LexiconError(OptoutError):
+    """A phrase table does not load."""
+
+    exit_code = 3
+
+
+class InputError(OptoutError):
+    """A file or mailbox given on the command line cannot be read."""
+
+    exit_code = 4
+
+
+class StoreError(OptoutError):
+    """The database cannot be used."""
+
+    exit_code = 5
+
+
+class TransientError(StoreError):
+    """A failure that goes away by itself: try again later."""
+
+    exit_code = 75

@@ -1,0 +1,395 @@
+"""Per-language phrase tables (the TOML files beside this module), compiled into token matchers.
+
+The phrase syntax is described in README.md in this folder. Loading is done once; the result is an
+immutable `Lexicon` handed to `classify()`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from optout.errors import LexiconError
+from optout.text import COMMA, NEWLINE, STOP, Markers, fold, is_cjk, tokenise
+
+HERE = Path(__file__).parent
+WORD_GAP = 4
+CJK_GAP = 8
+NEGATION_REACH = 4
+CJK_NEGATION_REACH = 6
+
+INTENT_CATEGORIES = (
+    "opt-out.all", "opt-out.newsletters", "opt-out.partners",
+    "access.access", "access.rectification",
+    "deletion.erasure", "deletion.child",
+    "other.subscribe",
+)
+WHOLE_CATEGORIES = ("opt-out.whole-all", "opt-out.whole-newsletters", "other.whole-subscribe")
+_TOP_KEYS = {"language", "name", "script", "stopwords", "filler", "negation", "opt-out", "access", "deletion",
+             "other", "machine", "text"}
+_SECTION_KEYS = {
+    "negation": {"before", "after", "contrast"},
+    "opt-out": {"all", "newsletters", "partners", "whole-all", "whole-newsletters"},
+    "access": {"access", "rectification"},
+    "deletion": {"erasure", "child"},
+    "other": {"subscribe", "whole-subscribe"},
+    "machine": {"auto-reply", "bounce"},
+    "text": {"attribution", "outlook-from", "outlook-sent", "footer", "signature"},
+}
+_MAX_EXPANSIONS = 4096
+
+EQ, PREFIX, SUFFIX, INFIX, GAP, ALT = range(6)
+Step = tuple  # (EQ|PREFIX|SUFFIX|INFIX, text) | (GAP, size) | (ALT, (steps, steps, ...))
+
+
+@dataclass(frozen=True)
+class Phrase:
+    """One phrase of a table, compiled to steps: its category, language and the text as written."""
+
+    category: str
+    language: str
+    text: str
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class Match:
+    """Where a phrase matched a token list: tokens[start:end]."""
+
+    phrase: Phrase
+    start: int
+    end: int
+
+
+def _test(kind: int, value: str, token: str) -> bool:
+    if kind == EQ:
+        return token == value
+    if kind == PREFIX:
+        return token.startswith(value)
+    if kind == SUFFIX:
+        return token.endswith(value)
+    return value in token
+
+
+def _match_from(steps: tuple, k: int, tokens: list[str], j: int, n: int) -> int | None:
+    if k == len(steps):
+        return j
+    kind, value = steps[k]
+    if kind == ALT:
+        rest = steps[k + 1:]
+        for alternative in value:
+            end = _match_from(alternative + rest, 0, tokens, j, n)
+            if end is not None:
+                return end
+        return None
+    if kind == GAP:
+        skipped = 0
+        while True:
+            end = _match_from(steps, k + 1, tokens, j, n)
+            if end is not None:
+                return end
+            while j < n and (tokens[j] == NEWLINE or tokens[j] == COMMA):
+                j += 1
+            if j >= n or tokens[j] == STOP or skipped >= value:
+                return None
+            j += 1
+            skipped += 1
+    while j < n and tokens[j] == NEWLINE:
+        j += 1
+    if j < n and _test(kind, value, tokens[j]):
+        return _match_from(steps, k + 1, tokens, j + 1, n)
+    return None
+
+
+def _first_steps(steps: tuple, k: int = 0) -> list[Step] | None:
+    """Return the steps a match can begin with; None when the phrase can match nothing at all."""
+    if k == len(steps):
+        return None
+    kind, value = steps[k]
+    if kind != ALT:
+        return [steps[k]]
+    firsts: list[Step] = []
+    for alternative in value:
+        found = _first_steps(alternative + steps[k + 1:])
+        if found:
+            firsts += found
+    return firsts
+
+
+@dataclass(frozen=True)
+class PhraseIndex:
+    """Phrases indexed by the tokens they can begin with, so that matching is one pass over the tokens."""
+
+    exact: dict[str, tuple[Phrase, ...]]
+    prefix: dict[str, tuple[Phrase, ...]]
+    loose: tuple[Phrase, ...]
+
+    @classmethod
+    def build(cls, phrases: list[Phrase]) -> PhraseIndex:
+        """Index phrases by a first exact token, the first three letters of a first prefix, or not at all."""
+        exact: dict[str, dict[int, Phrase]] = {}
+        prefix: dict[str, dict[int, Phrase]] = {}
+        loose: dict[int, Phrase] = {}
+        for number, phrase in enumerate(phrases):
+            for kind, value in _first_steps(phrase.steps) or ():
+                if kind == EQ:
+                    exact.setdefault(value, {})[number] = phrase
+                elif kind == PREFIX:
+                    prefix.setdefault(value[:3], {})[number] = phrase
+                else:
+                    loose[number] = phrase
+        return cls({k: tuple(v.values()) for k, v in exact.items()},
+                   {k: tuple(v.values()) for k, v in prefix.items()}, tuple(loose.values()))
+
+    def find(self, tokens: list[str]) -> list[Match]:
+        """Return every match of every phrase in tokens, in order of position."""
+        found: list[Match] = []
+        n = len(tokens)
+        exact, prefix, loose = self.exact, self.prefix, self.loose
+        for i, token in enumerate(tokens):
+            if token == STOP or token == COMMA or token == NEWLINE:
+                continue
+            candidates = exact.get(token, ())
+            if len(token) >= 3:
+                more = prefix.get(token[:3])
+                if more:
+                    candidates = candidates + more
+            if loose:
+                candidates = candidates + loose
+            seen = set()
+            for phrase in candidates:
+                if id(phrase) in seen:
+                    continue
+                seen.add(id(phrase))
+                end = _match_from(phrase.steps, 0, tokens, i, n)
+                if end is not None:
+                    found.append(Match(phrase, i, end))
+        return found
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """All loaded phrase tables, compiled: what `classify()` and the text cleaners need."""
+
+    languages: tuple[str, ...]
+    scripts: dict[str, str]
+    stopwords: dict[str, frozenset[str]]
+    intents: PhraseIndex
+    auto_replies: PhraseIndex
+    bounces: PhraseIndex
+    footers: PhraseIndex
+    signatures: PhraseIndex
+    whole: dict[tuple[str, ...], str]
+    filler: frozenset[tuple[str, ...]]
+    negation_before: frozenset[tuple[str, ...]]
+    negation_after: frozenset[tuple[str, ...]]
+    contrast: frozenset[str]
+    markers: Markers
+    phrase_count: int = field(default=0)
+
+
+_PIECE = re.compile(r"[()|]|[^\s()|]+")
+
+
+def _parse(text: str, where: str) -> tuple[Step, ...]:
+    pieces = _PIECE.findall(fold(text))
+    position = 0
+
+    def sequence(depth: int) -> list[Step]:
+        nonlocal position
+        steps: list[Step] = []
+        while position < len(pieces):
+            piece = pieces[position]
+            if piece == "(":
+                position += 1
+                alternatives = [tuple(sequence(depth + 1))]
+                while position < len(pieces) and pieces[position] == "|":
+                    position += 1
+                    alternatives.append(tuple(sequence(depth + 1)))
+                if position >= len(pieces) or pieces[position] != ")":
+                    raise LexiconError(f"{where}: unclosed (")
+                position += 1
+                steps.append((ALT, tuple(alternatives)))
+            elif piece in ("|", ")"):
+                if depth == 0:
+                    raise LexiconError(f"{where}: {piece!r} outside a group")
+                return steps
+            else:
+                position += 1
+                steps.extend(_piece_steps(piece, steps, where))
+        return steps
+
+    steps = tuple(sequence(0))
+    if not steps or steps[0][0] == GAP or steps[-1][0] == GAP:
+        raise LexiconError(f"{where}: phrase is empty or starts or ends with a gap")
+    if _first_steps(steps) is None or any(kind == GAP for kind, _ in (_first_steps(steps) or ())):
+        raise LexiconError(f"{where}: phrase may begin with nothing or with a gap")
+    return steps
+
+
+def _piece_steps(piece: str, before: list[Step], where: str) -> list[Step]:
+    if piece.startswith("..."):
+        size = piece[3:]
+        if size and not size.isdigit():
+            raise LexiconError(f"{where}: bad gap {piece!r} (use ... or ...N)")
+        last = before[-1] if before else None
+        cjk = last is not None and last[0] != GAP and last[0] != ALT and is_cjk(str(last[1])[:1])
+        return [(GAP, int(size) if size else (CJK_GAP if cjk else WORD_GAP))]
+    if "*" in piece:
+        core = piece.strip("*")
+        if not core or "*" in core or not re.fullmatch(r"[^\W_]+", core):
+            raise LexiconError(f"{where}: bad wildcard {piece!r} (one word with * at its start or end)")
+        kind = INFIX if piece.startswith("*") and piece.endswith("*") else SUFFIX if piece.startswith("*") else PREFIX
+        if kind == PREFIX and len(core) < 3:
+            raise LexiconError(f"{where}: prefix {piece!r} is too short (at least three letters)")
+        return [(kind, core)]
+    return [(EQ, token) for token in tokenise(piece) if token not in (STOP, COMMA, NEWLINE)]
+
+
+def _expand(steps: tuple[Step, ...], where: str) -> list[tuple[str, ...]]:
+    """Enumerate the plain token sequences of a phrase without gaps or wildcards."""
+    results: list[tuple[str, ...]] = [()]
+    for kind, value in steps:
+        if kind == ALT:
+            options = [option for alternative in value for option in _expand(alternative, where)]
+            results = [r + o for r in results for o in options]
+        elif kind == EQ:
+            results = [r + (value,) for r in results]
+        else:
+            raise LexiconError(f"{where}: only plain words and groups are allowed here")
+        if len(results) > _MAX_EXPANSIONS:
+            raise LexiconError(f"{where}: more than {_MAX_EXPANSIONS} variants")
+    return results
+
+
+def _phrases(entries: list, category: str, language: str, where: str) -> list[Phrase]:
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise LexiconError(f"{where}: expected a list of strings")
+    return [Phrase(category, language, entry, _parse(entry, f"{where}: {entry!r}")) for entry in entries]
+
+
+def _token_tuples(entries: list, where: str) -> set[tuple[str, ...]]:
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise LexiconError(f"{where}: expected a list of strings")
+    result = set()
+    for entry in entries:
+        for tokens in _expand(_parse(entry, f"{where}: {entry!r}"), f"{where}: {entry!r}"):
+            if not tokens:
+                raise LexiconError(f"{where}: {entry!r} has no words")
+            result.add(tokens)
+    return result
+
+
+def _read(path: Path) -> dict:
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise LexiconError(f"{path.name}: {error}") from error
+    unknown = set(table) - _TOP_KEYS
+    if unknown:
+        raise LexiconError(f"{path.name}: unknown keys {sorted(unknown)}")
+    for section, allowed in _SECTION_KEYS.items():
+        extra = set(table.get(section, {})) - allowed
+        if extra:
+            raise LexiconError(f"{path.name}: unknown keys in [{section}]: {sorted(extra)}")
+    if table.get("language") != path.stem:
+        raise LexiconError(f"{path.name}: language must be {path.stem!r}")
+    if table.get("script", "latin") not in ("latin", "greek", "cyrillic", "cjk"):
+        raise LexiconError(f"{path.name}: script must be latin, greek, cyrillic or cjk")
+    return table
+
+
+def load_lexicon(directory: Path | None = None, languages: tuple[str, ...] | None = None) -> Lexicon:
+    """Load and compile the phrase tables of a folder (default: the ones shipped with optout)."""
+    if directory is None and languages is None:
+        return _default_lexicon()
+    return _load(directory or HERE, languages)
+
+
+@lru_cache(maxsize=1)
+def _default_lexicon() -> Lexicon:
+    return _load(HERE, None)
+
+
+def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
+    paths = sorted(directory.glob("*.toml"))
+    if languages is not None:
+        missing = set(languages) - {p.stem for p in paths}
+        if missing:
+            raise LexiconError(f"no phrase table for {sorted(missing)} in {directory}")
+        paths = [p for p in paths if p.stem in languages]
+    if not paths:
+        raise LexiconError(f"no phrase tables (*.toml) in {directory}")
+    intents: list[Phrase] = []
+    auto_replies: list[Phrase] = []
+    bounces: list[Phrase] = []
+    footers: list[Phrase] = []
+    signatures: list[Phrase] = []
+    whole: dict[tuple[str, ...], str] = {}
+    filler: set[tuple[str, ...]] = set()
+    negation_before: set[tuple[str, ...]] = set()
+    negation_after: set[tuple[str, ...]] = set()
+    contrast: set[str] = set()
+    attributions: list[str] = []
+    outlook_from: set[str] = set()
+    outlook_sent: set[str] = set()
+    scripts: dict[str, str] = {}
+    stopwords: dict[str, frozenset[str]] = {}
+    for path in paths:
+        table = _read(path)
+        language = table["language"]
+        scripts[language] = table.get("script", "latin")
+        stopwords[language] = frozenset(fold(word) for word in table.get("stopwords", []))
+        filler |= _token_tuples(table.get("filler", []), f"{path.name} filler")
+        negation = table.get("negation", {})
+        negation_before |= _token_tuples(negation.get("before", []), f"{path.name} [negation] before")
+        negation_after |= _token_tuples(negation.get("after", []), f"{path.name} [negation] after")
+        contrast |= {fold(word) for word in negation.get("contrast", [])}
+        for category in INTENT_CATEGORIES:
+            section, key = category.split(".")
+            entries = table.get(section, {}).get(key, [])
+            intents += _phrases(entries, category, language, f"{path.name} [{section}] {key}")
+        for category in WHOLE_CATEGORIES:
+            section, key = category.split(".")
+            for tokens in _token_tuples(table.get(section, {}).get(key, []), f"{path.name} [{section}] {key}"):
+                whole[tokens] = category.replace("whole-", "")
+        machine = table.get("machine", {})
+        auto_replies += _phrases(machine.get("auto-reply", []), "auto-reply", language, f"{path.name} [machine]")
+        bounces += _phrases(machine.get("bounce", []), "bounce", language, f"{path.name} [machine]")
+        text = table.get("text", {})
+        footers += _phrases(text.get("footer", []), "footer", language, f"{path.name} [text] footer")
+        signatures += _phrases(text.get("signature", []), "signature", language, f"{path.name} [text] signature")
+        for pattern in text.get("attribution", []):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise LexiconError(f"{path.name} [text] attribution {pattern!r}: {error}") from error
+            attributions.append(f"(?:{pattern})")
+        outlook_from |= {fold(label) for label in text.get("outlook-from", [])}
+        outlook_sent |= {fold(label) for label in text.get("outlook-sent", [])}
+    markers = Markers(
+        attribution=re.compile("|".join(attributions) or r"(?!x)x"),
+        outlook_from=frozenset(outlook_from),
+        outlook_sent=frozenset(outlook_sent),
+    )
+    count = len(intents) + len(auto_replies) + len(bounces) + len(footers) + len(signatures)
+    return Lexicon(
+        languages=tuple(p.stem for p in paths),
+        scripts=scripts,
+        stopwords=stopwords,
+        intents=PhraseIndex.build(intents),
+        auto_replies=PhraseIndex.build(auto_replies),
+        bounces=PhraseIndex.build(bounces),
+        footers=PhraseIndex.build(footers),
+        signatures=PhraseIndex.build(signatures),
+        whole=whole,
+        filler=frozenset(filler),
+        negation_before=frozenset(negation_before),
+        negation_after=frozenset(negation_after),
+        contrast=frozenset(contrast),
+        markers=markers,
+        phrase_count=count,
+    )

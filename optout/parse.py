@@ -1,0 +1,306 @@
+"""Raw bytes -> Message. The only flanker import; it never raises on bad mail."""
+
+from __future__ import annotations
+
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import hashlib
+import logging
+from datetime import datetime, timezone
+
+from optout.model import Attachment, Message, Report, normalise_address
+from optout.text import html_to_text
+
+# flanker builds its address parser tables at import and logs every unreachable grammar symbol.
+logging.getLogger("flanker.addresslib._parser.parser").setLevel(logging.ERROR)
+logging.getLogger("flanker").setLevel(logging.ERROR)
+
+from flanker import mime  # noqa: E402  (after the logger is quiet)
+
+MAX_TEXT = 200_000
+MAX_HEADERS = 500
+MAX_HEADER_VALUE = 4_000
+MAX_PARTS = 1_000
+REPORT_PARTS = {
+    "message/delivery-status": "delivery-status",
+    "message/global-delivery-status": "delivery-status",
+    "message/feedback-report": "feedback-report",
+    "message/disposition-notification": "disposition-notification",
+    "message/global-disposition-notification": "disposition-notification",
+}
+_HEADER_PARSER = email.parser.HeaderParser(policy=email.policy.compat32)
+
+
+def parse_message(raw: bytes, envelope_sender: str | None = None,
+                  envelope_recipients: tuple[str, ...] = ()) -> Message:
+    """Parse raw mail into a Message; broken mail comes back marked malformed with what could be read."""
+    digest = hashlib.sha256(raw).hexdigest()
+    defects: list[str] = []
+    raw = _trim_leading(raw)
+    try:
+        root = mime.from_string(raw)
+    except Exception as error:  # flanker raises many types on broken MIME; recover() is its lenient mode
+        defects.append(f"strict parse failed: {type(error).__name__}")
+        try:
+            root = mime.recover(raw)
+        except Exception as error2:
+            defects.append(f"recover failed: {type(error2).__name__}")
+            root = None
+    envelope = dict(
+        envelope_sender=None if envelope_sender is None else normalise_address(envelope_sender),
+        envelope_recipients=tuple(normalise_address(r) for r in envelope_recipients),
+    )
+    if root is None:
+        return _from_stdlib(raw, digest, defects, envelope)
+    try:
+        return _from_flanker(root, raw, digest, defects, envelope)
+    except Exception as error:  # a part flanker accepted but cannot decode: keep what the headers say
+        defects.append(f"walk failed: {type(error).__name__}")
+        return _from_stdlib(raw, digest, defects, envelope)
+
+
+def _trim_leading(raw: bytes) -> bytes:
+    # Saved mail often starts with blank lines or an mbox "From " line; neither is a header.
+    raw = raw.lstrip(b" \t\r\n")
+    if raw.startswith(b"From "):
+        raw = raw.split(b"\n", 1)[1] if b"\n" in raw else b""
+    return raw
+
+
+def _headers_of(items) -> tuple[tuple[str, str], ...]:
+    result = []
+    for index, (name, value) in enumerate(items):
+        if index >= MAX_HEADERS:
+            break
+        result.append((str(name).lower(), _clean(str(value))[:MAX_HEADER_VALUE]))
+    return tuple(result)
+
+
+def _clean(value: str) -> str:
+    return " ".join(value.replace("\x00", "").split())
+
+
+def _first(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    return next((value for key, value in headers if key == name), None)
+
+
+def _addresses(values: list[str]) -> list[tuple[str, str]]:
+    result = []
+    for name, address in email.utils.getaddresses(values):
+        if "@" in address:
+            result.append((name.strip(), address.strip()))
+    return result
+
+
+def _message_id(value: str | None) -> str | None:
+    if not value:
+        return None
+    value = value.strip()
+    if "<" in value and ">" in value:
+        value = value[value.index("<"): value.index(">", value.index("<")) + 1]
+    return value[:998] or None
+
+
+def _date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        return None
+
+
+def _common(headers: tuple[tuple[str, str], ...], raw: bytes, digest: str, defects: list[str],
+            envelope: dict) -> dict:
+    from_ = _addresses([v for k, v in headers if k == "from"])
+    sender_display = None
+    sender = None
+    if from_:
+        name, address = from_[0]
+        sender = normalise_address(address)
+        sender_display = f"{name} <{address}>" if name else address
+    recipients = [normalise_address(a) for _, a in _addresses([v for k, v in headers if k in ("to", "cc")])]
+    return_path = _first(headers, "return-path")
+    if return_path is not None:
+        return_path = return_path.strip()
+        return_path = "" if return_path in ("<>", "") else normalise_address(return_path)
+    references = tuple(ref for ref in (_first(headers, "references") or "").split() if ref.startswith("<"))
+    sender_header = _addresses([v for k, v in headers if k == "sender"])
+    return dict(
+        sha256=digest,
+        size=len(raw),
+        sender=sender,
+        sender_display=sender_display,
+        reply_to=tuple(normalise_address(a) for _, a in _addresses([v for k, v in headers if k == "reply-to"])),
+        sender_header=normalise_address(sender_header[0][1]) if sender_header else None,
+        return_path=return_path,
+        recipients=tuple(dict.fromkeys(recipients)),
+        subject=_first(headers, "subject") or "",
+        message_id=_message_id(_first(headers, "message-id")),
+        in_reply_to=_message_id(_first(headers, "in-reply-to")),
+        references=references,
+        date=_date(_first(headers, "date")),
+        headers=headers,
+        defects=tuple(defects),
+        malformed=bool(defects),
+        **envelope,
+    )
+
+
+def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: dict) -> Message:
+    headers = _headers_of(root.headers.items())
+    plain: list[str] = []
+    html: list[str] = []
+    attachments: list[Attachment] = []
+    report_type = None
+    report_fields: list[tuple[str, str]] = []
+    original_headers: tuple[tuple[str, str], ...] = ()
+    top_type = str(root.content_type).lower()
+    if top_type == "multipart/report":
+        report_type = (root.content_type.params.get("report-type") or "").lower() or None
+    for count, part in enumerate(root.walk(with_self=True, skip_enclosed=True)):
+        if count >= MAX_PARTS:
+            defects.append(f"more than {MAX_PARTS} parts: the rest ignored")
+            break
+        content_type = str(part.content_type).lower()
+        if content_type.startswith("multipart/"):
+            continue
+        if content_type in REPORT_PARTS:
+            report_type = report_type or REPORT_PARTS[content_type]
+            report_fields += _report_fields(part)
+            continue
+        if content_type in ("message/rfc822", "message/global", "text/rfc822-headers", "text/rfc822-header",
+                            "message/rfc822-headers"):
+            if not original_headers:
+                original_headers = _enclosed_headers(part)
+            if content_type.startswith("message/"):
+                attachments.append(Attachment(None, content_type, _size(part)))
+            continue
+        disposition = (part.content_disposition[0] or "").lower() if part.content_disposition else ""
+        filename = part.detected_file_name or None
+        if content_type.startswith("text/") and disposition != "attachment" and not (filename and content_type not in ("text/plain", "text/html")):
+            body = _body(part, defects)
+            if content_type == "text/html":
+                html.append(body)
+            elif content_type in ("text/plain", "text/enriched", "text/richtext") or not content_type[5:]:
+                plain.append(body)
+            else:
+                attachments.append(Attachment(filename, content_type, _size(part)))
+            continue
+        attachments.append(Attachment(filename, content_type, _size(part)))
+    text_from_html = False
+    if any(p.strip() for p in plain):
+        text = "\n".join(plain)
+    elif html:
+        text = html_to_text("\n".join(html))
+        text_from_html = True
+    else:
+        text = ""
+    report = None
+    if report_type:
+        report = Report(report_type, tuple(report_fields), original_headers)
+    common = _common(headers, raw, digest, defects, envelope)
+    return Message(
+        **common,
+        content_type=top_type,
+        text=text.replace("\r\n", "\n").replace("\r", "\n")[:MAX_TEXT],
+        text_from_html=text_from_html,
+        attachments=tuple(attachments),
+        report=report,
+        enclosed_headers=original_headers,
+    )
+
+
+def _body(part, defects: list[str]) -> str:
+    try:
+        body = part.body
+    except Exception as error:  # unknown charset or broken transfer encoding in one part
+        defects.append(f"part {part.content_type}: {type(error).__name__}")
+        try:
+            return part._container.read_body().decode("utf-8", "replace")  # raw, undecoded text
+        except Exception:
+            return ""
+    if isinstance(body, bytes):
+        return body.decode("utf-8", "replace")
+    return body if isinstance(body, str) else ""
+
+
+def _size(part) -> int:
+    try:
+        return int(part.size)
+    except Exception:
+        return 0
+
+
+def _report_fields(part) -> list[tuple[str, str]]:
+    enclosed = getattr(part, "enclosed", None)
+    if enclosed is not None:
+        items = list(enclosed.headers.items())
+        try:
+            body = enclosed.body
+        except Exception:
+            body = None
+        blocks = [items]
+        if isinstance(body, str) and body.strip():
+            blocks += [list(_HEADER_PARSER.parsestr(block).items()) for block in body.split("\n\n") if block.strip()]
+        return [(str(k).lower(), _clean(str(v))[:MAX_HEADER_VALUE]) for block in blocks for k, v in block]
+    try:
+        body = part.body
+    except Exception:
+        return []
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if not isinstance(body, str):
+        return []
+    fields = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        if block.strip():
+            fields += [(k.lower(), _clean(str(v))[:MAX_HEADER_VALUE]) for k, v in _HEADER_PARSER.parsestr(block).items()]
+    return fields[:MAX_HEADERS]
+
+
+def _enclosed_headers(part) -> tuple[tuple[str, str], ...]:
+    enclosed = getattr(part, "enclosed", None)
+    if enclosed is not None:
+        try:
+            return _headers_of(enclosed.headers.items())
+        except Exception:
+            return ()
+    try:
+        body = part.body
+    except Exception:
+        return ()
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if not isinstance(body, str):
+        return ()
+    return _headers_of(_HEADER_PARSER.parsestr(body.replace("\r\n", "\n")).items())
+
+
+def _from_stdlib(raw: bytes, digest: str, defects: list[str], envelope: dict) -> Message:
+    """Read what the headers say when flanker cannot parse the mail at all."""
+    parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+    items = []
+    for name, value in parsed.items():
+        try:
+            value = str(email.header.make_header(email.header.decode_header(value)))
+        except Exception:
+            value = str(value)
+        items.append((name, value))
+    headers = _headers_of(items)
+    payload = parsed.get_payload(decode=True) if not parsed.is_multipart() else None
+    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+    if not defects:
+        defects.append("unreadable MIME")
+    common = _common(headers, raw, digest, defects, envelope)
+    return Message(**common, content_type=parsed.get_content_type(), text=text[:MAX_TEXT])

@@ -1,0 +1,145 @@
+"""(Message, Classification, History, now) -> Decision: what to suppress, which request to open, whether to reply. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from optout.model import Classification, Decision, History, Kind, Message, OpenRequest, Scope, Suppress, normalise_address
+
+DAEMON_LOCAL_PARTS = frozenset({"mailer-daemon", "postmaster", "mail-daemon", "maildaemon", "mailerdaemon",
+                                "mail-delivery-system", "noreply", "no-reply", "no_reply", "donotreply",
+                                "do-not-reply", "do_not_reply", "bounce", "bounces", "nobody", "auto-reply",
+                                "autoreply", "notifications", "notification"})
+LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "list-help", "list-subscribe", "list-owner",
+                "list-archive", "x-mailing-list")
+COMPLAINANT_FIELDS = ("removal-recipient", "original-rcpt-to")
+COMPLAINANT_HEADERS = ("x-hmxmroriginalrecipient", "x-original-to", "delivered-to", "to")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The settings `decide()` follows; built from the config by the caller."""
+
+    own_addresses: tuple[str, ...] = ()
+    request_days: int = 30
+    child_request_days: int = 30
+    reply_to_other: bool = False
+    daily_reply_cap: int = 5
+
+
+def may_auto_reply(message: Message, classification: Classification, own_addresses: tuple[str, ...] = ()) -> tuple[bool, str | None]:
+    """Say whether a reply is safe from loops and backscatter, and if not, why.
+
+    Never reply when (RFC 3834 §2, and against backscatter):
+    - the message is machine mail: a bounce, report, auto-reply, list mail or a client's unsubscribe button;
+    - Auto-Submitted is present and not "no"; Precedence is bulk, junk, list or auto_reply;
+    - any List-* header is present;
+    - X-Auto-Response-Suppress asks for no auto-replies (Microsoft's equivalent);
+    - the return path is null, there is no sender, or the sender is a daemon or no-reply address;
+    - the sender is one of our own addresses;
+    - no To or Cc is visible (the mail came as Bcc, as bulk mail does);
+    - the message could not be parsed.
+    """
+    if classification.machine:
+        return False, f"machine mail ({classification.reason})"
+    auto_submitted = (message.header("auto-submitted") or "").strip().lower()
+    if auto_submitted and not auto_submitted.startswith("no"):
+        return False, "Auto-Submitted"
+    precedence = (message.header("precedence") or "").strip().lower()
+    if precedence in ("bulk", "junk", "list", "auto_reply", "auto-reply"):
+        return False, f"Precedence: {precedence}"
+    if any(message.has_header(name) for name in LIST_HEADERS):
+        return False, "List-* header"
+    suppress = (message.header("x-auto-response-suppress") or "").lower()
+    if any(word in suppress for word in ("all", "autoreply", "oof")):
+        return False, "X-Auto-Response-Suppress"
+    if message.return_path == "" or message.envelope_sender == "":
+        return False, "null return path"
+    if not message.sender or "@" not in message.sender:
+        return False, "no sender"
+    local = message.sender.rpartition("@")[0].split("+")[0]
+    if local in DAEMON_LOCAL_PARTS or local.startswith("owner-") or local.endswith(("-owner", "-bounces", "-request")):
+        return False, "daemon or no-reply sender"
+    own = {normalise_address(a) for a in own_addresses}
+    if message.sender in own:
+        return False, "our own address"
+    if not message.recipients:
+        return False, "no To or Cc (Bcc)"
+    if message.malformed:
+        return False, "malformed"
+    return True, None
+
+
+def complainant(message: Message) -> str | None:
+    """Return the recipient a feedback report (RFC 5965) complains about, or None."""
+    report = message.report
+    candidates: list[str] = []
+    if report is not None:
+        candidates += [report.field(name) or "" for name in COMPLAINANT_FIELDS]
+    enclosed = dict(message.enclosed_headers)
+    candidates += [enclosed.get(name, "") for name in COMPLAINANT_HEADERS]
+    for value in candidates:
+        value = value.strip()
+        if value.lower().startswith("rfc822;"):
+            value = value[7:].strip()
+        if "<" in value:
+            value = value[value.index("<") + 1:].split(">", 1)[0]
+        value = value.split(",")[0].strip()
+        if "@" in value and " " not in value and "redacted" not in value.lower():
+            return normalise_address(value)
+    return None
+
+
+def decide(message: Message, classification: Classification, history: History, now: datetime,
+           rules: Rules = Rules()) -> Decision:
+    """Decide the effects of one message.
+
+    - opt-out: suppress the sender in each scope not already suppressed (`all` covers every scope);
+    - access: open a request, unless one of that kind is open already;
+    - deletion: suppress the sender (`all`) at once and open a request;
+    - an ARF complaint: suppress the complaining recipient (`all`, reason complaint);
+    - anything else: no effect.
+    """
+    may_reply, no_reply_reason = may_auto_reply(message, classification, rules.own_addresses)
+    if may_reply and classification.kind is Kind.OTHER and not rules.reply_to_other:
+        may_reply, no_reply_reason = False, "replies to other are off"
+    if may_reply and history.replies_today >= rules.daily_reply_cap:
+        may_reply, no_reply_reason = False, f"daily reply cap ({rules.daily_reply_cap}) reached"
+    reply = dict(may_reply=may_reply, no_reply_reason=no_reply_reason)
+    kind = classification.kind
+    if kind is Kind.OTHER and classification.reason == "complaint":
+        address = complainant(message)
+        if address is None:
+            return Decision("nothing", notes=("complaint names no recipient",), **reply)
+        if Scope.ALL in history.suppressed_scopes:
+            return Decision("nothing", notes=("already suppressed",), **reply)
+        return Decision("suppress", (Suppress(address, address, Scope.ALL, "complaint"),), **reply)
+    if kind is Kind.OTHER:
+        return Decision("nothing", **reply)
+    if not message.sender or "@" not in message.sender:
+        return Decision("nothing", notes=("no sender address to act on",), may_reply=False,
+                        no_reply_reason="no sender")
+    display = message.sender_display or message.sender
+    scopes = classification.scopes or (Scope.ALL,)
+    if kind is Kind.DELETION:
+        scopes = (Scope.ALL,)
+    suppressions: tuple[Suppress, ...] = ()
+    if kind in (Kind.OPT_OUT, Kind.DELETION) and Scope.ALL not in history.suppressed_scopes:
+        reason = "deletion" if kind is Kind.DELETION else classification.reason
+        suppressions = tuple(Suppress(message.sender, display, scope, reason) for scope in scopes
+                             if scope not in history.suppressed_scopes)
+    requests: tuple[OpenRequest, ...] = ()
+    notes: tuple[str, ...] = ()
+    if kind in (Kind.ACCESS, Kind.DELETION):
+        if kind.value in history.open_requests:
+            notes = (f"an {kind.value} request is already open",)
+        else:
+            child = "child" in classification.flags
+            days = rules.child_request_days if child else rules.request_days
+            requests = (OpenRequest(kind, message.sender, display, now + timedelta(days=days),
+                                    classification.flags, classification.language),)
+    if not suppressions and not requests:
+        return Decision("nothing", notes=notes or ("already suppressed",), **reply)
+    action = "+".join(a for a, present in (("suppress", suppressions), ("open-request", requests)) if present)
+    return Decision(action, suppressions, requests, notes=notes, **reply)
