@@ -87,6 +87,7 @@ class Message:
 
     sha256: str
     size: int
+    content_hash: str = ""
     sender: str | None = None
     sender_display: str | None = None
     reply_to: tuple[str, ...] = ()
@@ -122,10 +123,15 @@ class Message:
 
     @property
     def key(self) -> str:
-        """Return the ledger key: Message-ID plus a hash of the bytes, or the hash alone."""
+        """Return the ledger key: Message-ID plus a hash of the content, or the hash alone.
+
+        The content hash leaves out trace headers (Received, Return-Path, Delivered-To …), which differ
+        between the copy that arrives over SMTP and the one in the IMAP mailbox.
+        """
+        digest = self.content_hash or self.sha256
         if self.message_id:
-            return f"{self.message_id}|{self.sha256}"
-        return self.sha256
+            return f"{self.message_id}|{digest[:32]}"
+        return digest
 
     @property
     def all_recipients(self) -> tuple[str, ...]:

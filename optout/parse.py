@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import binascii
+import codecs
 import email.header
-import email.parser
 import email.policy
 import email.utils
 import hashlib
 import logging
+import re
 from datetime import datetime, timezone
 
 from optout.model import Attachment, Message, Report, normalise_address
@@ -30,7 +32,6 @@ REPORT_PARTS = {
     "message/disposition-notification": "disposition-notification",
     "message/global-disposition-notification": "disposition-notification",
 }
-_HEADER_PARSER = email.parser.HeaderParser(policy=email.policy.compat32)
 
 
 def parse_message(raw: bytes, envelope_sender: str | None = None,
@@ -39,6 +40,8 @@ def parse_message(raw: bytes, envelope_sender: str | None = None,
     digest = hashlib.sha256(raw).hexdigest()
     defects: list[str] = []
     raw = _trim_leading(raw)
+    content = _content_hash(raw)
+    defects += _header_defects(raw)
     try:
         root = mime.from_string(raw)
     except Exception as error:  # flanker raises many types on broken MIME; recover() is its lenient mode
@@ -52,6 +55,7 @@ def parse_message(raw: bytes, envelope_sender: str | None = None,
         envelope_sender=None if envelope_sender is None else normalise_address(envelope_sender),
         envelope_recipients=tuple(normalise_address(r) for r in envelope_recipients),
     )
+    envelope["content_hash"] = content
     if root is None:
         return _from_stdlib(raw, digest, defects, envelope)
     try:
@@ -59,6 +63,40 @@ def parse_message(raw: bytes, envelope_sender: str | None = None,
     except Exception as error:  # a part flanker accepted but cannot decode: keep what the headers say
         defects.append(f"walk failed: {type(error).__name__}")
         return _from_stdlib(raw, digest, defects, envelope)
+
+
+_STABLE_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"in-reply-to", b"content-type")
+
+
+def _content_hash(raw: bytes) -> str:
+    """Hash the body and the headers the author wrote, not the ones servers add on the way."""
+    normalised = raw.replace(b"\r\n", b"\n")
+    head, _, body = normalised.partition(b"\n\n")
+    stable = []
+    for line in head.replace(b"\n ", b" ").replace(b"\n\t", b" ").split(b"\n"):
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() in _STABLE_HEADERS:
+            stable.append(name.strip().lower() + b":" + b" ".join(value.split()))
+    return hashlib.sha256(b"\n".join(sorted(stable)) + b"\n\n" + body.rstrip()).hexdigest()
+
+
+_HEADER_LINE = re.compile(rb"^(?:[!-9;-~]+[ \t]*:|[ \t])")
+
+
+def _header_defects(raw: bytes) -> list[str]:
+    """Name what is wrong in the header block: lines that are no header, 8-bit bytes that are not UTF-8."""
+    head = raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
+    defects = []
+    for line in head[:65536].splitlines()[:MAX_HEADERS]:
+        if line.strip() and not _HEADER_LINE.match(line):
+            defects.append("a header line without a colon")
+            break
+    if not head.isascii():
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            defects.append("8-bit bytes in the headers in no declared charset")
+    return defects
 
 
 def _trim_leading(raw: bytes) -> bytes:
@@ -222,6 +260,19 @@ def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: d
 
 
 def _body(part, defects: list[str]) -> str:
+    charset = part.content_type.params.get("charset")
+    if charset:
+        try:
+            codecs.lookup(charset)
+        except LookupError:
+            defects.append(f"unknown charset {charset[:40]!r}")
+    if part.content_encoding.value == "base64":
+        try:
+            # flanker's own decoder forgives broken base64; check the encoded text strictly.
+            encoded = part._container.read_body()
+            binascii.a2b_base64("".join(str(encoded).split()), strict_mode=True)
+        except (binascii.Error, ValueError, AttributeError):
+            defects.append("broken base64 in a text part")
     try:
         body = part.body
     except Exception as error:  # unknown charset or broken transfer encoding in one part
@@ -250,10 +301,10 @@ def _report_fields(part) -> list[tuple[str, str]]:
             body = enclosed.body
         except Exception:
             body = None
-        blocks = [items]
+        fields = [(str(k).lower(), _clean(str(v))[:MAX_HEADER_VALUE]) for k, v in items]
         if isinstance(body, str) and body.strip():
-            blocks += [list(_HEADER_PARSER.parsestr(block).items()) for block in body.split("\n\n") if block.strip()]
-        return [(str(k).lower(), _clean(str(v))[:MAX_HEADER_VALUE]) for block in blocks for k, v in block]
+            fields += _fields(body)
+        return fields[:MAX_HEADERS]
     try:
         body = part.body
     except Exception:
@@ -262,11 +313,23 @@ def _report_fields(part) -> list[tuple[str, str]]:
         body = body.decode("utf-8", "replace")
     if not isinstance(body, str):
         return []
-    fields = []
-    for block in body.replace("\r\n", "\n").split("\n\n"):
-        if block.strip():
-            fields += [(k.lower(), _clean(str(v))[:MAX_HEADER_VALUE]) for k, v in _HEADER_PARSER.parsestr(block).items()]
-    return fields[:MAX_HEADERS]
+    return _fields(body)[:MAX_HEADERS]
+
+
+def _fields(text: str) -> list[tuple[str, str]]:
+    """Read "Name: value" fields (RFC 3464/5965 report bodies, header blocks), folded lines unfolded."""
+    fields: list[tuple[str, str]] = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if line[:1] in (" ", "\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, f"{value} {line.strip()}")
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            if name and " " not in name.strip():
+                fields.append((name.strip().lower(), value.strip()))
+        if len(fields) > MAX_HEADERS:
+            break
+    return [(name, _clean(value)[:MAX_HEADER_VALUE]) for name, value in fields]
 
 
 def _enclosed_headers(part) -> tuple[tuple[str, str], ...]:
@@ -284,7 +347,7 @@ def _enclosed_headers(part) -> tuple[tuple[str, str], ...]:
         body = body.decode("utf-8", "replace")
     if not isinstance(body, str):
         return ()
-    return _headers_of(_HEADER_PARSER.parsestr(body.replace("\r\n", "\n")).items())
+    return tuple(_fields(body.split("\n\n", 1)[0] if "\n\n" in body.replace("\r\n", "\n") else body))
 
 
 def _from_stdlib(raw: bytes, digest: str, defects: list[str], envelope: dict) -> Message:

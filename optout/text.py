@@ -15,8 +15,11 @@ _TOKEN = re.compile(
     r"|(?P<comma>[,:、，：()\u2013\u2014\u2022|]|\s-\s)"
     r"|(?P<newline>\n)"
 )
-# Links and addresses are not words: "http://example.com/unsubscribe" asks nothing of anyone.
-_LINK = re.compile(r"(?:https?://|ftp://|www\.|mailto:)[^\s<>\"')\]]*|[\w.+-]+@[\w-]+(?:\.[\w-]+)+|<[^<>\n]{0,300}>")
+# Links and addresses are not words: "http://example.com/unsubscribe" asks nothing of anyone. A link
+# leaves the token LINK behind (footers say "Unsubscribe: <link>"); an address or a tag leaves nothing.
+_LINK = re.compile(r"(?:https?://|ftp://|www\.)[^\s<>\"')\]]*")
+_ADDRESS = re.compile(r"(?:mailto:)?[\w.+-]+@[\w-]+(?:\.[\w-]+)+|<[^<>\n]{0,300}>")
+LINK = "xlinkx"
 STOP = "."
 COMMA = ","
 NEWLINE = "\n"
@@ -52,19 +55,48 @@ def tokenise(text: str) -> list[str]:
     Sentinels: "." ends a sentence (., !, ?, ; before a space, or a blank line), "," a clause,
     "\\n" a line. A full stop before a digit ("Art. 15") ends nothing.
     """
+    return tokenise_lines(text)[0]
+
+
+def tokenise_lines(text: str) -> tuple[list[str], list[int]]:
+    """Tokenise like `tokenise`, and return beside each token the number of the line it is on."""
     tokens: list[str] = []
-    append = tokens.append
-    for match in _TOKEN.finditer(_LINK.sub(" ", fold(text))):
+    lines: list[int] = []
+    append, mark = tokens.append, lines.append
+    line = 0
+    folded = fold(text)
+    if "@" in folded or "<" in folded:
+        folded = _ADDRESS.sub(_blank_link, folded)
+    if "http" in folded or "www." in folded or "ftp:" in folded:
+        folded = _LINK.sub(_mark_link, folded)
+    for match in _TOKEN.finditer(folded):
         group = match.lastgroup
         if group == "word" or group == "cjk":
             append(match.group())
+            mark(line)
         elif group == "stop":
-            append(STOP)
+            if tokens and tokens[-1] != STOP:
+                append(STOP)
+                mark(line)
+            line += match.group().count("\n")
         elif group == "comma":
             append(COMMA)
+            mark(line)
         else:
-            append(NEWLINE)
-    return tokens
+            if tokens and tokens[-1] not in SENTINELS:
+                append(NEWLINE)
+                mark(line)
+            line += 1
+    return tokens, lines
+
+
+def _blank_link(match: re.Match) -> str:
+    # Keep the line breaks of what spans lines, so that line numbers stay right.
+    return "\n" * match.group().count("\n") or " "
+
+
+def _mark_link(match: re.Match) -> str:
+    return f" {LINK} "
 
 
 def words(tokens: list[str]) -> list[str]:

@@ -91,9 +91,12 @@ def _match_from(steps: tuple, k: int, tokens: list[str], j: int, n: int) -> int 
             end = _match_from(steps, k + 1, tokens, j, n)
             if end is not None:
                 return end
-            while j < n and (tokens[j] == NEWLINE or tokens[j] == COMMA):
-                j += 1
-            if j >= n or tokens[j] == STOP or skipped >= value:
+            if j >= n or tokens[j] == STOP:
+                return None
+            if tokens[j] == NEWLINE or tokens[j] == COMMA:
+                j += 1  # line breaks and commas inside a gap are free
+                continue
+            if skipped >= value:
                 return None
             j += 1
             skipped += 1
@@ -159,11 +162,7 @@ class PhraseIndex:
                     candidates = candidates + more
             if loose:
                 candidates = candidates + loose
-            seen = set()
             for phrase in candidates:
-                if id(phrase) in seen:
-                    continue
-                seen.add(id(phrase))
                 end = _match_from(phrase.steps, 0, tokens, i, n)
                 if end is not None:
                     found.append(Match(phrase, i, end))
@@ -177,11 +176,7 @@ class Lexicon:
     languages: tuple[str, ...]
     scripts: dict[str, str]
     stopwords: dict[str, frozenset[str]]
-    intents: PhraseIndex
-    auto_replies: PhraseIndex
-    bounces: PhraseIndex
-    footers: PhraseIndex
-    signatures: PhraseIndex
+    phrases: PhraseIndex
     whole: dict[tuple[str, ...], str]
     filler: frozenset[tuple[str, ...]]
     negation_before: frozenset[tuple[str, ...]]
@@ -191,7 +186,7 @@ class Lexicon:
     phrase_count: int = field(default=0)
 
 
-_PIECE = re.compile(r"[()|]|[^\s()|]+")
+_PIECE = re.compile(r"\.\.\.\d*|[()|]|(?:(?!\.\.\.)[^\s()|])+")
 
 
 def _parse(text: str, where: str) -> tuple[Step, ...]:
@@ -380,11 +375,7 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
         languages=tuple(p.stem for p in paths),
         scripts=scripts,
         stopwords=stopwords,
-        intents=PhraseIndex.build(intents),
-        auto_replies=PhraseIndex.build(auto_replies),
-        bounces=PhraseIndex.build(bounces),
-        footers=PhraseIndex.build(footers),
-        signatures=PhraseIndex.build(signatures),
+        phrases=PhraseIndex.build(intents + auto_replies + bounces + footers + signatures),
         whole=whole,
         filler=frozenset(filler),
         negation_before=frozenset(negation_before),

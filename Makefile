@@ -1,0 +1,35 @@
+# The two commands a newcomer types: `make run` and `make test`. Each does its own set-up.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+# flanker does not run on Python 3.13 (it imports imghdr): take 3.12 or 3.11.
+PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+
+.PHONY: install run test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "optout needs Python 3.11 or 3.12 (python3.12 or python3.11 on PATH)"; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+		echo "installing python3-venv"; apt-get install -y -q python3-venv >/dev/null || sudo apt-get install -y -q python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+run: install
+	$(BIN)/optout process --mbox fixtures/sample.mbox
+	@echo
+	$(BIN)/optout suppression list
+
+test: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python bench/classify.py
+
+clean:
+	rm -rf $(VENV) var build *.egg-info .pytest_cache

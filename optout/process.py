@@ -1,0 +1,55 @@
+"""process(raw, source, store, pipeline, now) -> Outcome: the single entry every source calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from optout.classify import classify
+from optout.lexicon import Lexicon
+from optout.model import Classification, Decision, Message
+from optout.parse import parse_message
+from optout.policy import Rules, decide
+from optout.store import Store
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What processing needs besides the store: the phrase tables, our unsubscribe addresses, the rules."""
+
+    lexicon: Lexicon
+    unsubscribe_addresses: tuple[str, ...] = ("unsubscribe@*",)
+    rules: Rules = Rules()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one message."""
+
+    key: str
+    source: str
+    duplicate: bool
+    message: Message
+    classification: Classification
+    decision: Decision
+    request_ids: tuple[int, ...] = ()
+
+
+def examine(raw: bytes, pipeline: Pipeline, envelope_sender: str | None = None,
+            envelope_recipients: tuple[str, ...] = ()) -> tuple[Message, Classification]:
+    """Parse and classify raw mail without deciding or writing anything."""
+    message = parse_message(raw, envelope_sender, envelope_recipients)
+    return message, classify(message, pipeline.lexicon, pipeline.unsubscribe_addresses)
+
+
+def process(raw: bytes, source: str, store: Store, pipeline: Pipeline, now: datetime,
+            envelope_sender: str | None = None, envelope_recipients: tuple[str, ...] = ()) -> Outcome:
+    """Parse, classify, decide and record one message, exactly once.
+
+    A message whose key is already in the ledger has no effects; the caller acknowledges it all the same.
+    """
+    message, classification = examine(raw, pipeline, envelope_sender, envelope_recipients)
+    history = store.history(message.sender, now)
+    decision = decide(message, classification, history, now, pipeline.rules)
+    recorded = store.record(message, classification, decision, source, now)
+    return Outcome(message.key, source, recorded.duplicate, message, classification, decision, recorded.request_ids)

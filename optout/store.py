@@ -1,0 +1,319 @@
+"""The SQLite store (sqlite-utils): migrations, the ledger, suppressions, requests, the audit log and the outbox.
+
+One message is recorded in one transaction: its ledger row, its effects and their audit events, or
+nothing at all. The ledger key makes recording idempotent: a message already there changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import sqlite_utils
+
+from optout.errors import StoreError, TransientError
+from optout.model import Classification, Decision, History, Message, drop_hash, normalise_address
+
+GENESIS = "0" * 64
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db.execute("""
+        CREATE TABLE ledger (
+            key TEXT PRIMARY KEY,
+            message_id TEXT,
+            sha256 TEXT NOT NULL,
+            source TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            sender TEXT,
+            kind TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            scope TEXT,
+            language TEXT,
+            rule TEXT NOT NULL,
+            evidence TEXT NOT NULL,
+            confidence REAL NOT NULL,
+            flags TEXT NOT NULL DEFAULT '',
+            action TEXT NOT NULL,
+            may_reply INTEGER NOT NULL,
+            no_reply_reason TEXT,
+            malformed INTEGER NOT NULL,
+            size INTEGER NOT NULL
+        )""")
+    db.execute("CREATE INDEX ledger_sender ON ledger(sender)")
+    db.execute("CREATE INDEX ledger_received_at ON ledger(received_at)")
+    db.execute("""
+        CREATE TABLE suppressions (
+            id INTEGER PRIMARY KEY,
+            address TEXT NOT NULL,
+            address_hash TEXT NOT NULL,
+            display TEXT,
+            scope TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            source_key TEXT,
+            created_at TEXT NOT NULL,
+            UNIQUE (address, scope)
+        )""")
+    db.execute("CREATE INDEX suppressions_hash ON suppressions(address_hash)")
+    db.execute("""
+        CREATE TABLE requests (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            address TEXT NOT NULL,
+            display TEXT,
+            status TEXT NOT NULL,
+            flags TEXT NOT NULL DEFAULT '',
+            language TEXT,
+            message_key TEXT,
+            received_at TEXT NOT NULL,
+            due_at TEXT NOT NULL
+        )""")
+    db.execute("CREATE INDEX requests_address ON requests(address)")
+    db.execute("""
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            event TEXT NOT NULL,
+            address_hash TEXT,
+            message_key TEXT,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )""")
+    db.execute("CREATE INDEX audit_address_hash ON audit(address_hash)")
+    # The audit log is append-only: history is never rewritten.
+    db.execute("CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END")
+    db.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END")
+    db.execute("""
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            message_key TEXT,
+            to_address TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            language TEXT,
+            subject TEXT NOT NULL,
+            body TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            next_attempt_at TEXT,
+            sent_at TEXT,
+            last_error TEXT
+        )""")
+    db.execute("CREATE INDEX outbox_to ON outbox(to_address, created_at)")
+
+
+MIGRATIONS = (_migration_1,)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The result of recording one message: whether it was new, and the ids it created."""
+
+    duplicate: bool
+    suppressions: int = 0
+    request_ids: tuple[int, ...] = ()
+
+
+class Store:
+    """The optout database: one SQLite file, used by one writer thread."""
+
+    def __init__(self, path: str | Path, timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        try:
+            if str(path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+            self.db = sqlite_utils.Database(conn)
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.migrate()
+        except sqlite3.OperationalError as error:
+            raise _store_error(error, self.path) from error
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{self.path}: not an optout database ({error})") from error
+        except OSError as error:
+            raise StoreError(f"{self.path}: {error.strerror or error}") from error
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def version(self) -> int:
+        """Return the schema version (the number of migrations applied)."""
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        """Apply the migrations this database has not had yet, each in its own transaction."""
+        for number, migration in enumerate(MIGRATIONS, start=1):
+            if self.version >= number:
+                continue
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if self.version < number:
+                    migration(self.db)
+                    self.db.execute(f"PRAGMA user_version = {number}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def seen(self, key: str) -> bool:
+        """Say whether a message key is in the ledger."""
+        return self.db.execute("SELECT 1 FROM ledger WHERE key = ?", [key]).fetchone() is not None
+
+    def history(self, address: str | None, now: datetime) -> History:
+        """Return what is known about an address: suppressed scopes, open requests, replies in the last day."""
+        if not address:
+            return History()
+        address = normalise_address(address)
+        scopes = {row[0] for row in self.db.execute("SELECT scope FROM suppressions WHERE address = ?", [address])}
+        open_kinds = {row[0] for row in self.db.execute(
+            "SELECT kind FROM requests WHERE address = ? AND status = 'open'", [address])}
+        since = _iso(now - timedelta(days=1))
+        replies = self.db.execute("SELECT count(*) FROM outbox WHERE to_address = ? AND created_at >= ?",
+                                  [address, since]).fetchone()[0]
+        return History(frozenset(scopes), frozenset(open_kinds), int(replies))
+
+    def record(self, message: Message, classification: Classification, decision: Decision, source: str,
+               now: datetime) -> Recorded:
+        """Record a message and its effects in one transaction; a key already in the ledger changes nothing."""
+        at = _iso(now)
+        key = message.key
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            raise _store_error(error, self.path) from error
+        try:
+            inserted = self.db.execute(
+                """INSERT INTO ledger (key, message_id, sha256, source, received_at, sender, kind, reason, scope,
+                       language, rule, evidence, confidence, flags, action, may_reply, no_reply_reason, malformed, size)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (key) DO NOTHING""",
+                [key, message.message_id, message.sha256, source, at, message.sender, classification.kind.value,
+                 classification.reason, classification.scope, classification.language, classification.rule,
+                 json.dumps(list(classification.evidence), ensure_ascii=False), classification.confidence,
+                 ",".join(classification.flags), decision.action, int(decision.may_reply), decision.no_reply_reason,
+                 int(message.malformed), message.size]).rowcount
+            if not inserted:
+                self.db.execute("ROLLBACK")
+                return Recorded(duplicate=True)
+            self._audit(at, "message", message.sender, key, {
+                "source": source, "kind": classification.kind.value, "reason": classification.reason,
+                "rule": classification.rule, "action": decision.action})
+            added = 0
+            for effect in decision.suppressions:
+                added += self.db.execute(
+                    """INSERT INTO suppressions (address, address_hash, display, scope, reason, source_key, created_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, scope) DO NOTHING""",
+                    [effect.address, drop_hash(effect.address), effect.display, effect.scope.value, effect.reason,
+                     key, at]).rowcount
+                self._audit(at, "suppression.add", effect.address, key,
+                            {"scope": effect.scope.value, "reason": effect.reason})
+            request_ids = []
+            for effect in decision.requests:
+                cursor = self.db.execute(
+                    """INSERT INTO requests (kind, address, display, status, flags, language, message_key,
+                           received_at, due_at) VALUES (?, ?, ?, 'open', ?, ?, ?, ?, ?)""",
+                    [effect.kind.value, effect.address, effect.display, ",".join(effect.flags), effect.language, key,
+                     at, _iso(effect.due_at)])
+                request_ids.append(int(cursor.lastrowid))
+                self._audit(at, "request.open", effect.address, key,
+                            {"id": cursor.lastrowid, "kind": effect.kind.value, "due_at": _iso(effect.due_at),
+                             "flags": list(effect.flags)})
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            self.db.execute("ROLLBACK")
+            raise _store_error(error, self.path) from error
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return Recorded(False, added, tuple(request_ids))
+
+    def _audit(self, at: str, event: str, address: str | None, key: str | None, detail: dict) -> None:
+        # Each event carries the hash of the one before it, so a rewritten history shows.
+        row = self.db.execute("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        prev = row[0] if row else GENESIS
+        address_hash = drop_hash(address) if address else None
+        body = json.dumps(detail, sort_keys=True, ensure_ascii=False)
+        digest = hashlib.sha256("\x1f".join((prev, at, event, address_hash or "", key or "", body)).encode()).hexdigest()
+        self.db.execute("INSERT INTO audit (at, event, address_hash, message_key, detail, prev_hash, hash) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", [at, event, address_hash, key, body, prev, digest])
+
+    def verify_audit(self) -> int | None:
+        """Return the id of the first audit event whose chain is broken, or None when all links hold."""
+        prev = GENESIS
+        for id_, at, event, address_hash, key, body, prev_hash, digest in self.db.execute(
+                "SELECT id, at, event, address_hash, message_key, detail, prev_hash, hash FROM audit ORDER BY id"):
+            expected = hashlib.sha256("\x1f".join((prev, at, event, address_hash or "", key or "", body)).encode()).hexdigest()
+            if prev_hash != prev or digest != expected:
+                return int(id_)
+            prev = digest
+        return None
+
+    def suppressions(self, scope: str | None = None) -> list[dict]:
+        """Return the suppression list, oldest first, optionally of one scope."""
+        sql = "SELECT address, display, scope, reason, created_at FROM suppressions"
+        params: list[str] = []
+        if scope:
+            sql += " WHERE scope = ?"
+            params.append(scope)
+        cursor = self.db.execute(sql + " ORDER BY created_at, id", params)
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor]
+
+    def suppressed(self, address: str) -> list[dict]:
+        """Return the suppression rows of one address (matched normalised)."""
+        cursor = self.db.execute(
+            "SELECT address, scope, reason, created_at FROM suppressions WHERE address = ? OR address_hash = ? "
+            "ORDER BY created_at, id", [normalise_address(address), drop_hash(address)])
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor]
+
+    def ledger(self, key: str) -> dict | None:
+        """Return the ledger row of a message key, or None."""
+        cursor = self.db.execute("SELECT * FROM ledger WHERE key = ?", [key])
+        row = cursor.fetchone()
+        return dict(zip([c[0] for c in cursor.description], row)) if row else None
+
+    def stats(self) -> dict:
+        """Return counts: messages, messages per kind, suppressions (per scope) and requests (per kind and status)."""
+        kinds = {kind: 0 for kind in ("opt-out", "access", "deletion", "other")}
+        kinds.update({row[0]: row[1] for row in self.db.execute("SELECT kind, count(*) FROM ledger GROUP BY kind")})
+        scopes = {row[0]: row[1] for row in self.db.execute("SELECT scope, count(*) FROM suppressions GROUP BY scope")}
+        requests: dict[str, dict[str, int]] = {}
+        for kind, status, count in self.db.execute("SELECT kind, status, count(*) FROM requests GROUP BY kind, status"):
+            requests.setdefault(kind, {})[status] = count
+        reasons = {row[0]: row[1] for row in self.db.execute(
+            "SELECT reason, count(*) FROM ledger WHERE kind = 'other' GROUP BY reason ORDER BY count(*) DESC")}
+        return {
+            "messages": sum(kinds.values()),
+            "kinds": kinds,
+            "other_reasons": reasons,
+            "suppressions": {"total": sum(scopes.values()), "addresses": self.db.execute(
+                "SELECT count(DISTINCT address) FROM suppressions").fetchone()[0], "scopes": scopes},
+            "requests": {"total": sum(sum(v.values()) for v in requests.values()), "kinds": requests},
+        }
+
+
+def _store_error(error: sqlite3.OperationalError, path: Path) -> StoreError:
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return TransientError(f"{path}: the database is busy ({text}); try again")
+    return StoreError(f"{path}: {text}")
