@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "installing python3-venv"; apt-get install -y -q python3-venv >/dev/null || sudo apt-get install -y -q python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $@
 
 run: install

@@ -25,6 +25,8 @@ Exit codes:
   3   config or phrase-table error
   4   an input file or mailbox cannot be read
   5   database error
+  6   the IMAP server cannot be reached or refuses the login
+  7   another `optout run` is in progress (the lock is held)
   70  internal error (a bug: please report it)
   75  the database is busy: try again later
 """
@@ -314,6 +316,72 @@ def stats(state: Context, as_json: bool) -> None:
         click.echo("  other: " + ", ".join(f"{v} {k}" for k, v in numbers["other_reasons"].items()))
     click.echo(f"\n{numbers['messages']} messages, {numbers['suppressions']['total']} suppressions of "
                f"{numbers['suppressions']['addresses']} addresses, {numbers['requests']['total']} requests")
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Process the mailbox backlog once and exit (for cron).")
+@click.option("--dry-run", is_flag=True, help="Classify and report; write nothing, move nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --once: the summary as JSON.")
+@click.pass_context
+def run(ctx: click.Context, once: bool, dry_run: bool, as_json: bool) -> None:
+    """Process the mailbox backlog once (--once, for cron), or run the daemon."""
+    if not once:
+        if dry_run:
+            raise click.UsageError("--dry-run goes with --once")
+        ctx.invoke(daemon)
+        return
+    from optout.daemon import log_outcome, run_lock, settings_for_imap
+    from optout.process import Intake
+    from optout.sources.imap import drain
+
+    state: Context = ctx.obj
+    settings = state.settings
+    _configure_logging(quiet=as_json)
+    with run_lock(settings.lock_file):
+        imap = settings_for_imap(settings, dry_run=dry_run)
+        if imap is None:
+            summary = None
+            message = "No IMAP mailbox configured (OPTOUT_IMAP_URL or [imap] url): nothing to fetch."
+        else:
+            intake = Intake(state.store, state.pipeline, clock=now, dry_run=dry_run)
+            summary = drain(imap, intake, on_outcome=log_outcome)
+            kinds = ", ".join(f"{v} {k}" for k, v in sorted(summary.kinds.items())) or "nothing new"
+            verb = "would move" if dry_run else "moved"
+            message = (f"{summary.seen} messages in {imap.folder}: {summary.processed} new ({kinds}), "
+                       f"{summary.duplicates} already processed, {summary.moved} {verb if not dry_run else 'moved'}.")
+            if dry_run:
+                message += " Dry run: nothing written, nothing moved."
+    if as_json:
+        click.echo(json.dumps({"imap": None if summary is None else summary.__dict__, "dry_run": dry_run}))
+    else:
+        click.echo(message)
+
+
+@cli.command()
+@click.pass_obj
+def daemon(state: Context) -> None:
+    """Run the SMTP endpoint and the IMAP watcher until SIGTERM or SIGINT."""
+    import asyncio
+
+    from optout.daemon import Daemon
+
+    _configure_logging()
+    settings = state.settings
+    host, port = settings.smtp_listen.rsplit(":", 1)
+    click.echo(f"optout daemon: database {settings.database}; SMTP on {settings.smtp_listen}; "
+               f"IMAP {'configured' if settings.imap_url else 'not configured'}. Stop with Ctrl-C.", err=True)
+    click.echo(f"Send it a message, e.g.:\n  swaks --server {settings.smtp_listen} --to privacy@example.com "
+               f"--from ann@example.net --header 'Subject: unsubscribe' --body 'Please remove me.'\n"
+               f"  python3 -c \"import smtplib; smtplib.SMTP('{host.strip('[]')}', {port}).sendmail("
+               f"'ann@example.net', ['privacy@example.com'], 'Subject: unsubscribe\\n\\nPlease remove me.')\"", err=True)
+    asyncio.run(Daemon(settings, state.pipeline).run_forever())
+
+
+def _configure_logging(quiet: bool = False) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from optout.errors import ConfigError
 
@@ -29,7 +30,23 @@ class Settings:
     reply_to_other: bool = False
     daily_reply_cap: int = 5
     lexicon_dir: str | None = None
+    imap_url: str | None = field(default=None, repr=False)
+    imap_password_file: str | None = None
+    imap_review_reasons: tuple[str, ...] = ("unclear", "question", "malformed", "subscribe", "empty")
+    imap_processed_folder: str = "Processed"
+    imap_review_folder: str = "Review"
+    imap_batch_size: int = 500
+    imap_poll_seconds: int = 60
+    smtp_listen: str = "127.0.0.1:2525"
+    smtp_lmtp: bool = False
+    smtp_max_message_bytes: int = 10 * 1024 * 1024
+    smtp_max_recipients: int = 20
+    smtp_command_timeout: int = 60
+    smtp_session_timeout: int = 600
+    smtp_max_connections: int = 100
+    lock_file: str = "var/optout.lock"
     source: str = field(default="embedded defaults", compare=False)
+    imap_password: str | None = field(default=None, repr=False, compare=False)
 
 
 # section -> key -> (Settings field, type, check)
@@ -49,6 +66,25 @@ SCHEMA: dict[str, dict[str, tuple[str, type, str | None]]] = {
         "daily_cap": ("daily_reply_cap", int, "non-negative"),
     },
     "classify": {"lexicon_dir": ("lexicon_dir", str, None)},
+    "imap": {
+        "url": ("imap_url", str, "imap-url"),
+        "password_file": ("imap_password_file", str, None),
+        "processed_folder": ("imap_processed_folder", str, None),
+        "review_folder": ("imap_review_folder", str, None),
+        "review_reasons": ("imap_review_reasons", list, None),
+        "batch_size": ("imap_batch_size", int, "positive"),
+        "poll_seconds": ("imap_poll_seconds", int, "positive"),
+    },
+    "smtp": {
+        "listen": ("smtp_listen", str, "host-port"),
+        "lmtp": ("smtp_lmtp", bool, None),
+        "max_message_bytes": ("smtp_max_message_bytes", int, "positive"),
+        "max_recipients": ("smtp_max_recipients", int, "positive"),
+        "command_timeout": ("smtp_command_timeout", int, "positive"),
+        "session_timeout": ("smtp_session_timeout", int, "positive"),
+        "max_connections": ("smtp_max_connections", int, "positive"),
+    },
+    "run": {"lock_file": ("lock_file", str, None)},
 }
 
 
@@ -72,11 +108,68 @@ def _check(value, kind: type, check: str | None, where: str, problems: list[str]
     if kind is str and not isinstance(value, str):
         problems.append(f"{where}: expected a string, got {value!r}")
         return None
+    if check == "imap-url":
+        problem = imap_url_problem(value)
+        if problem:
+            problems.append(f"{where}: {problem}")
+    if check == "host-port":
+        try:
+            parse_listen(value)
+        except ConfigError as error:
+            problems.append(f"{where}: {error}")
     if check == "positive" and value <= 0:
         problems.append(f"{where}: must be greater than 0")
     if check == "non-negative" and value < 0:
         problems.append(f"{where}: must not be negative")
     return value
+
+
+def parse_listen(value: str, where: str = "listen") -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:2525") into host and port."""
+    host, colon, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {value!r} is not host:port (for example 127.0.0.1:2525)")
+    return host, int(port)
+
+
+def imap_url_problem(url: str) -> str | None:
+    """Say what is wrong with an IMAP URL (imap://user[:password]@host[:port][/FOLDER], imaps://…), or None."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("imap", "imaps", "imap+starttls"):
+        return f"{_redact(url)!r}: the scheme must be imap://, imaps:// or imap+starttls://"
+    if not parsed.hostname:
+        return f"{_redact(url)!r}: no host"
+    if not parsed.username:
+        return f"{_redact(url)!r}: no user name"
+    try:
+        parsed.port
+    except ValueError:
+        return f"{_redact(url)!r}: bad port"
+    return None
+
+
+def _redact(url: str) -> str:
+    parsed = urlsplit(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+def _imap_password(values: dict, environ: dict[str, str]) -> str | None:
+    # Secrets come from the environment or a file, never from the config file itself.
+    if environ.get("OPTOUT_IMAP_PASSWORD"):
+        return environ["OPTOUT_IMAP_PASSWORD"]
+    path = values.get("imap_password_file") or environ.get("OPTOUT_IMAP_PASSWORD_FILE")
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ConfigError(f"IMAP password file {path}: {error.strerror or error}") from None
+    url = values.get("imap_url")
+    if url and urlsplit(url).password:
+        return unquote(urlsplit(url).password)
+    return None
 
 
 def problems_in(table: dict, name: str) -> tuple[dict, list[str]]:
@@ -127,5 +220,14 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
         source = str(config_path)
     if environ.get("OPTOUT_DATABASE"):
         values["database"] = environ["OPTOUT_DATABASE"]
+    if environ.get("OPTOUT_IMAP_URL"):
+        problem = imap_url_problem(environ["OPTOUT_IMAP_URL"])
+        if problem:
+            raise ConfigError(f"OPTOUT_IMAP_URL: {problem}")
+        values["imap_url"] = environ["OPTOUT_IMAP_URL"]
+    if environ.get("OPTOUT_SMTP_LISTEN"):
+        parse_listen(environ["OPTOUT_SMTP_LISTEN"], "OPTOUT_SMTP_LISTEN")
+        values["smtp_listen"] = environ["OPTOUT_SMTP_LISTEN"]
+    values["imap_password"] = _imap_password(values, environ)
     known = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in known}, source=source)

@@ -4,8 +4,10 @@
     ├── ConfigError             a config file or environment value is wrong (3)
     ├── LexiconError            a phrase table does not load (3)
     ├── InputError              a file or mailbox given to the CLI cannot be read (4)
-    └── StoreError              the database cannot be used (5)
-        └── TransientError      try again later: the database is busy or locked (75, EX_TEMPFAIL)
+    ├── StoreError              the database cannot be used (5)
+    │   └── TransientError      try again later: the database is busy or locked (75, EX_TEMPFAIL)
+    ├── MailboxError            the IMAP server cannot be reached or refuses us (6)
+    └── LockedError             another `optout run` holds the lock (7)
 
 Core modules raise only LexiconError; parsing never raises on bad mail.
 """
@@ -45,3 +47,15 @@ class TransientError(StoreError):
     """A failure that goes away by itself: try again later."""
 
     exit_code = 75
+
+
+class MailboxError(OptoutError):
+    """The IMAP server cannot be reached or refuses us."""
+
+    exit_code = 6
+
+
+class LockedError(OptoutError):
+    """Another run holds the lock."""
+
+    exit_code = 7

@@ -53,3 +53,38 @@ def process(raw: bytes, source: str, store: Store, pipeline: Pipeline, now: date
     decision = decide(message, classification, history, now, pipeline.rules)
     recorded = store.record(message, classification, decision, source, now)
     return Outcome(message.key, source, recorded.duplicate, message, classification, decision, recorded.request_ids)
+
+
+class Intake:
+    """The single writer: every source hands raw mail to `submit`, which commits before it returns.
+
+    In the daemon one thread owns an Intake (SQLite has one writer); sources reach it through that thread.
+    With `dry_run`, mail is classified and decided but nothing is written.
+    """
+
+    def __init__(self, store: Store, pipeline: Pipeline, clock=None, dry_run: bool = False) -> None:
+        from datetime import timezone
+
+        self.store = store
+        self.pipeline = pipeline
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.dry_run = dry_run
+
+    def submit(self, raw: bytes, source: str, envelope_sender: str | None = None,
+               envelope_recipients: tuple[str, ...] = ()) -> Outcome:
+        """Process one message (or, dry, only judge it) and return what happened."""
+        now = self.clock()
+        if not self.dry_run:
+            return process(raw, source, self.store, self.pipeline, now, envelope_sender, envelope_recipients)
+        message, classification = examine(raw, self.pipeline, envelope_sender, envelope_recipients)
+        decision = decide(message, classification, self.store.history(message.sender, now), now, self.pipeline.rules)
+        return Outcome(message.key, source, self.store.seen(message.key), message, classification, decision)
+
+    def checkpoint(self, source: str) -> tuple[int, int] | None:
+        """Return how far a mailbox source has got."""
+        return self.store.checkpoint(source)
+
+    def set_checkpoint(self, source: str, uidvalidity: int, last_uid: int) -> None:
+        """Remember how far a mailbox source has got (not in a dry run)."""
+        if not self.dry_run:
+            self.store.set_checkpoint(source, uidvalidity, last_uid, self.clock())

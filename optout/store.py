@@ -111,7 +111,17 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX outbox_to ON outbox(to_address, created_at)")
 
 
-MIGRATIONS = (_migration_1,)
+def _migration_2(db: sqlite_utils.Database) -> None:
+    db.execute("""
+        CREATE TABLE checkpoints (
+            source TEXT PRIMARY KEY,
+            uidvalidity INTEGER NOT NULL,
+            last_uid INTEGER NOT NULL,
+            updated_at TEXT NOT NULL
+        )""")
+
+
+MIGRATIONS = (_migration_1, _migration_2)
 
 
 @dataclass(frozen=True)
@@ -255,6 +265,22 @@ class Store:
         digest = hashlib.sha256("\x1f".join((prev, at, event, address_hash or "", key or "", body)).encode()).hexdigest()
         self.db.execute("INSERT INTO audit (at, event, address_hash, message_key, detail, prev_hash, hash) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", [at, event, address_hash, key, body, prev, digest])
+
+    def checkpoint(self, source: str) -> tuple[int, int] | None:
+        """Return the (UIDVALIDITY, last UID) a mailbox source has reached, or None."""
+        row = self.db.execute("SELECT uidvalidity, last_uid FROM checkpoints WHERE source = ?", [source]).fetchone()
+        return (int(row[0]), int(row[1])) if row else None
+
+    def set_checkpoint(self, source: str, uidvalidity: int, last_uid: int, now: datetime) -> None:
+        """Remember how far a mailbox source has got."""
+        try:
+            self.db.execute(
+                "INSERT INTO checkpoints (source, uidvalidity, last_uid, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (source) DO UPDATE SET uidvalidity = excluded.uidvalidity, "
+                "last_uid = excluded.last_uid, updated_at = excluded.updated_at",
+                [source, uidvalidity, last_uid, _iso(now)])
+        except sqlite3.OperationalError as error:
+            raise _store_error(error, self.path) from error
 
     def verify_audit(self) -> int | None:
         """Return the id of the first audit event whose chain is broken, or None when all links hold."""

@@ -246,7 +246,7 @@ def test_parse_decodes_iso_2022_jp_in_7bit():
     assert text in parse_message(text_mail(text.encode("iso-2022-jp"), "iso-2022-jp", "7bit")).text
 
 
-@pytest.mark.parametrize("text", ["请取消订阅", "请取消订阅，谢谢。"])
+@pytest.mark.parametrize("text", ["请取消订阅", "请取消订阅，谢谢。"], ids=["five-characters", "sentence"])
 def test_parse_decodes_gb2312(text):
     assert text in parse_message(text_mail(text.encode("gb2312"), "gb2312")).text
 

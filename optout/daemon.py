@@ -1,0 +1,179 @@
+"""The asyncio composition root: the SMTP endpoint, the IMAP watcher and one SQLite writer, with clean shutdown.
+
+- One writer: a single thread owns the store; the SMTP handler awaits it, the IMAP thread waits on it.
+- SIGTERM/SIGINT stop listening, let the message in flight finish and commit, then exit.
+- One log line per message: key, source, kind, action. Never a body, never a password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from optout.classify import is_unsubscribe_address
+from optout.config import Settings, parse_listen
+from optout.errors import LockedError, StoreError
+from optout.model import normalise_address
+from optout.process import Intake, Outcome, Pipeline
+from optout.sources.imap import ImapSettings, ImapSource, imap_settings
+from optout.sources.smtp import PrivacyHandler, SmtpLimits, start_server
+from optout.store import Store
+
+log = logging.getLogger("optout")
+
+
+def log_outcome(outcome: Outcome) -> None:
+    """Log one line for a processed message."""
+    c = outcome.classification
+    action = "duplicate" if outcome.duplicate else outcome.decision.action
+    log.info("message key=%s source=%s kind=%s reason=%s action=%s", outcome.key[:80], outcome.source,
+             c.kind.value, c.reason, action)
+
+
+def recipient_filter(settings: Settings):
+    """Return the predicate of addresses the endpoint accepts: our privacy and unsubscribe addresses, +tags too."""
+    exact = {normalise_address(a) for a in settings.privacy_addresses}
+    patterns = tuple(settings.privacy_addresses) + tuple(settings.unsubscribe_addresses)
+
+    def accepts(address: str) -> bool:
+        address = normalise_address(address)
+        return address in exact or is_unsubscribe_address(address, patterns)
+
+    return accepts
+
+
+def settings_for_imap(settings: Settings, dry_run: bool = False) -> ImapSettings | None:
+    """Return the IMAP settings, or None when no mailbox is configured."""
+    if not settings.imap_url:
+        return None
+    return imap_settings(settings.imap_url, settings.imap_password, processed_folder=settings.imap_processed_folder,
+                         review_folder=settings.imap_review_folder, review_reasons=settings.imap_review_reasons,
+                         batch_size=settings.imap_batch_size, poll_seconds=settings.imap_poll_seconds,
+                         dry_run=dry_run)
+
+
+@contextlib.contextmanager
+def run_lock(path: str):
+    """Hold an exclusive lock file for the length of a run; a second run is refused at once."""
+    lock_path = Path(path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise LockedError(f"another optout run is in progress (pid {holder}, lock {lock_path})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+class ThreadedSink:
+    """Hand work to the writer thread and wait for it: what the IMAP thread talks to."""
+
+    def __init__(self, writer: ThreadPoolExecutor, intake: Intake) -> None:
+        self.writer = writer
+        self.intake = intake
+
+    def submit(self, raw, source, envelope_sender=None, envelope_recipients=()):
+        """Process on the writer thread."""
+        return self.writer.submit(self.intake.submit, raw, source, envelope_sender, envelope_recipients).result()
+
+    def checkpoint(self, source):
+        """Read a checkpoint on the writer thread."""
+        return self.writer.submit(self.intake.checkpoint, source).result()
+
+    def set_checkpoint(self, source, uidvalidity, last_uid):
+        """Write a checkpoint on the writer thread."""
+        return self.writer.submit(self.intake.set_checkpoint, source, uidvalidity, last_uid).result()
+
+
+class Daemon:
+    """SMTP endpoint + IMAP watcher + writer, started and stopped together."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, clock=None) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.clock = clock
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optout-writer")
+        self.stopping = threading.Event()
+        self.server: asyncio.base_events.Server | None = None
+        self.imap_thread: threading.Thread | None = None
+        self.in_flight = 0
+        self.address: tuple[str, int] | None = None
+
+    def _open(self) -> Intake:
+        return Intake(Store(self.settings.database), self.pipeline, self.clock)
+
+    async def start(self) -> None:
+        """Open the store on the writer thread, listen for SMTP, start watching IMAP."""
+        loop = asyncio.get_running_loop()
+        self.intake = await loop.run_in_executor(self.writer, self._open)
+
+        async def submit(raw: bytes, mail_from: str, recipients: tuple[str, ...]):
+            self.in_flight += 1
+            try:
+                outcome = await loop.run_in_executor(self.writer, self.intake.submit, raw, "smtp", mail_from, recipients)
+            finally:
+                self.in_flight -= 1
+            log_outcome(outcome)
+            return outcome
+
+        s = self.settings
+        limits = SmtpLimits(s.smtp_max_message_bytes, s.smtp_max_recipients, s.smtp_command_timeout,
+                            s.smtp_session_timeout, s.smtp_max_connections)
+        handler = PrivacyHandler(submit, recipient_filter(s), limits, lmtp=s.smtp_lmtp)
+        host, port = parse_listen(s.smtp_listen)
+        try:
+            self.server = await start_server(handler, host, port, limits, lmtp=s.smtp_lmtp)
+        except OSError as error:
+            raise StoreError(f"cannot listen on {s.smtp_listen}: {error.strerror or error}") from None
+        self.address = self.server.sockets[0].getsockname()[:2]
+        log.info("%s endpoint listening on %s:%s", "LMTP" if s.smtp_lmtp else "SMTP", *self.address)
+        imap = settings_for_imap(s)
+        if imap is not None:
+            source = ImapSource(imap, ThreadedSink(self.writer, self.intake), self.stopping, on_outcome=log_outcome)
+            self.imap_thread = threading.Thread(target=source.watch, name="optout-imap", daemon=True)
+            self.imap_thread.start()
+        else:
+            log.info("no IMAP mailbox configured: SMTP only")
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop listening, let messages in flight commit, stop the IMAP watcher, close the store."""
+        self.stopping.set()
+        if self.server is not None:
+            self.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.imap_thread is not None:
+            await loop.run_in_executor(None, self.imap_thread.join, grace)
+        await loop.run_in_executor(self.writer, self.intake.store.close)
+        self.writer.shutdown(wait=True)
+        log.info("stopped")
+
+    async def run_forever(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, done.set)
+        await self.start()
+        await done.wait()
+        log.info("signal received: finishing the message in flight")
+        await self.stop()

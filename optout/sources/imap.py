@@ -1,0 +1,285 @@
+"""The privacy@ mailbox over IMAP (imapclient): batched BODY.PEEK fetches, UID checkpoints, move after commit, IDLE.
+
+- Mail is read with BODY.PEEK[], so the \\Seen flag of a shared mailbox is never touched.
+- A message is moved out of the watched folder only after its effects are committed; a crash between
+  the two leaves it in place, and the next run finds it in the ledger and only moves it.
+- Nothing is ever deleted but the one UID just copied elsewhere (COPY + \\Deleted + UID EXPUNGE, for
+  servers without MOVE); without UIDPLUS the original stays, flagged \\Deleted, rather than risk an
+  EXPUNGE of other messages a person flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+from urllib.parse import unquote, urlsplit
+
+import imapclient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from optout.errors import ConfigError, MailboxError, TransientError
+from optout.model import Kind
+
+log = logging.getLogger("optout.imap")
+NETWORK_ERRORS = (OSError, socket.timeout, ssl.SSLError, IMAPClientError, imapclient.imaplib.IMAP4.abort,
+                  imapclient.imaplib.IMAP4.error, EOFError)
+
+
+class Sink(Protocol):
+    """Where the source hands mail: an Intake, directly or through the daemon's writer thread."""
+
+    def submit(self, raw: bytes, source: str, envelope_sender: str | None = None,
+               envelope_recipients: tuple[str, ...] = ()): ...
+
+    def checkpoint(self, source: str) -> tuple[int, int] | None: ...
+
+    def set_checkpoint(self, source: str, uidvalidity: int, last_uid: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class ImapSettings:
+    """Where the mailbox is and how to file what was processed."""
+
+    host: str
+    username: str
+    password: str = field(repr=False)
+    port: int = 993
+    security: str = "tls"  # tls | starttls | plain
+    folder: str = "INBOX"
+    processed_folder: str = "Processed"
+    review_folder: str = "Review"
+    review_reasons: tuple[str, ...] = ("unclear", "question", "malformed", "subscribe", "empty")
+    batch_size: int = 500
+    poll_seconds: int = 60
+    timeout: float = 60.0
+    dry_run: bool = False
+
+    @property
+    def name(self) -> str:
+        """Return the source name used for its checkpoint: user@host/folder."""
+        return f"imap:{self.username}@{self.host}:{self.port}/{self.folder}"
+
+
+def imap_settings(url: str, password: str | None, **options) -> ImapSettings:
+    """Build settings from imap://user@host:port/FOLDER (imaps:// for TLS, imap+starttls:// for STARTTLS).
+
+    Plain imap:// is refused except to a loopback host: a password never crosses a network in clear.
+    """
+    parsed = urlsplit(url)
+    security = {"imaps": "tls", "imap+starttls": "starttls", "imap": "plain"}.get(parsed.scheme)
+    if security is None or not parsed.hostname or not parsed.username:
+        raise ConfigError("IMAP URL must look like imaps://user@host:993/INBOX")
+    if security == "plain" and parsed.hostname not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(f"imap:// (no TLS) is only allowed to a loopback host, not {parsed.hostname}; "
+                          "use imaps:// or imap+starttls://")
+    if password is None:
+        raise ConfigError("no IMAP password: set OPTOUT_IMAP_PASSWORD or [imap] password_file")
+    folder = unquote(parsed.path.lstrip("/")) or "INBOX"
+    port = parsed.port or (993 if security == "tls" else 143)
+    return ImapSettings(parsed.hostname, unquote(parsed.username), password, port, security, folder, **options)
+
+
+@dataclass
+class RunSummary:
+    """What one pass over the mailbox did."""
+
+    seen: int = 0
+    processed: int = 0
+    duplicates: int = 0
+    moved: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+
+
+class ImapSource:
+    """Drain the watched folder into the sink, then file each message by its kind."""
+
+    def __init__(self, settings: ImapSettings, sink: Sink, stop: threading.Event | None = None,
+                 on_outcome: Callable[[object], None] | None = None) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.stop = stop or threading.Event()
+        self.on_outcome = on_outcome
+        self.client: imapclient.IMAPClient | None = None
+        self._folders: set[str] = set()
+        self._delimiter = "/"
+
+    # ------------------------------------------------------------ connection
+
+    def connect(self) -> imapclient.IMAPClient:
+        """Connect, log in and select the watched folder."""
+        s = self.settings
+        try:
+            client = imapclient.IMAPClient(s.host, port=s.port, ssl=s.security == "tls", timeout=s.timeout)
+            if s.security == "starttls":
+                client.starttls(ssl.create_default_context())
+            client.login(s.username, s.password)
+        except LoginError as error:
+            raise MailboxError(f"IMAP login as {s.username} at {s.host}:{s.port} refused: {_text(error)}") from None
+        except NETWORK_ERRORS as error:
+            raise MailboxError(f"cannot reach IMAP server {s.host}:{s.port}: {_text(error)}") from None
+        try:
+            listed = client.list_folders(pattern=s.folder)
+            if listed:
+                delimiter = listed[0][1]
+                self._delimiter = delimiter.decode() if isinstance(delimiter, bytes) else (delimiter or "/")
+            else:
+                raise MailboxError(f"IMAP folder {s.folder!r} does not exist")
+            self._folders = {name for _, _, name in client.list_folders()}
+            client.select_folder(s.folder, readonly=s.dry_run)
+        except NETWORK_ERRORS as error:
+            raise MailboxError(f"IMAP folder {s.folder!r}: {_text(error)}") from None
+        self.client = client
+        return client
+
+    def close(self) -> None:
+        """Log out, quietly."""
+        if self.client is not None:
+            try:
+                self.client.logout()
+            except Exception:  # the connection may already be gone; closing must not fail
+                pass
+            self.client = None
+
+    # ------------------------------------------------------------ one pass
+
+    def folder_for(self, outcome) -> str:
+        """Return the folder a processed message goes to: Processed<sep>KIND, or Review."""
+        classification = outcome.classification
+        if classification.kind is Kind.OTHER and classification.reason in self.settings.review_reasons:
+            return self.settings.review_folder
+        return f"{self.settings.processed_folder}{self._delimiter}{classification.kind.value}"
+
+    def run_once(self) -> RunSummary:
+        """Process every message in the watched folder, batch by batch; move each batch after its commits."""
+        client = self.client or self.connect()
+        s = self.settings
+        summary = RunSummary()
+        status = client.folder_status(s.folder, ["UIDVALIDITY"])
+        uidvalidity = int(status[b"UIDVALIDITY"])
+        checkpoint = self.sink.checkpoint(s.name)
+        if checkpoint and checkpoint[0] != uidvalidity:
+            log.warning("UIDVALIDITY of %s changed (%s -> %s): rescanning; the ledger skips what was done",
+                        s.folder, checkpoint[0], uidvalidity)
+        uids = sorted(client.search(["ALL"]))
+        for start in range(0, len(uids), s.batch_size):
+            if self.stop.is_set():
+                break
+            batch = uids[start:start + s.batch_size]
+            fetched = client.fetch(batch, ["BODY.PEEK[]"])
+            destinations: dict[str, list[int]] = {}
+            done: list[int] = []
+            for uid in batch:
+                if self.stop.is_set():
+                    break
+                item = fetched.get(uid)
+                if item is None or b"BODY[]" not in item:
+                    continue  # expunged by someone else meanwhile
+                outcome = self.sink.submit(item[b"BODY[]"], "imap")
+                summary.seen += 1
+                if outcome.duplicate:
+                    summary.duplicates += 1
+                else:
+                    summary.processed += 1
+                    kind = outcome.classification.kind.value
+                    summary.kinds[kind] = summary.kinds.get(kind, 0) + 1
+                if self.on_outcome:
+                    self.on_outcome(outcome)
+                destinations.setdefault(self.folder_for(outcome), []).append(uid)
+                done.append(uid)
+            if not s.dry_run:
+                for folder, moving in destinations.items():
+                    self._move(moving, folder)
+                    summary.moved += len(moving)
+                if done:
+                    self.sink.set_checkpoint(s.name, uidvalidity, max(done))
+        return summary
+
+    def _ensure_folder(self, folder: str) -> None:
+        if folder in self._folders:
+            return
+        client = self.client
+        try:
+            client.create_folder(folder)
+        except IMAPClientError as error:
+            if not client.folder_exists(folder):
+                raise MailboxError(f"cannot create IMAP folder {folder!r}: {_text(error)}") from None
+        try:
+            client.subscribe_folder(folder)
+        except IMAPClientError:
+            pass  # subscribing only makes the folder visible in clients
+        self._folders.add(folder)
+
+    def _move(self, uids: list[int], folder: str) -> None:
+        self._ensure_folder(folder)
+        client = self.client
+        if client.has_capability("MOVE"):
+            client.move(uids, folder)
+            return
+        client.copy(uids, folder)
+        client.add_flags(uids, [imapclient.DELETED])
+        if client.has_capability("UIDPLUS"):
+            client.uid_expunge(uids)  # only these UIDs: never an EXPUNGE of what a person flagged
+
+    # ------------------------------------------------------------ daemon
+
+    def watch(self, backoff_start: float = 1.0, backoff_max: float = 300.0) -> None:
+        """Process, then wait for new mail with IDLE (or poll), until stopped; reconnect with backoff."""
+        delay = backoff_start
+        while not self.stop.is_set():
+            try:
+                if self.client is None:
+                    self.connect()
+                    log.info("IMAP connected to %s:%s, watching %s", self.settings.host, self.settings.port,
+                             self.settings.folder)
+                self.run_once()
+                delay = backoff_start
+                self._wait_for_mail()
+            except TransientError as error:
+                log.warning("store busy (%s); retrying in %.0fs", error, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, backoff_max)
+            except (MailboxError, *NETWORK_ERRORS) as error:
+                log.warning("IMAP: %s; reconnecting in %.0fs", _text(error), delay)
+                self.close()
+                self.stop.wait(delay)
+                delay = min(delay * 2, backoff_max)
+        self.close()
+
+    def _wait_for_mail(self) -> None:
+        client = self.client
+        if not client.has_capability("IDLE"):
+            self.stop.wait(self.settings.poll_seconds)
+            client.noop()
+            return
+        client.idle()
+        try:
+            # Wake at least every few seconds to notice a stop; re-IDLE well within the 29 minutes of RFC 2177.
+            deadline = time.monotonic() + 25 * 60
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                responses = client.idle_check(timeout=2)
+                if any(r[1] in (b"EXISTS", b"RECENT") for r in responses if len(r) > 1):
+                    break
+        finally:
+            client.idle_done()
+
+
+def _text(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text.replace("\r", " ").replace("\n", " ")[:300]
+
+
+def drain(settings: ImapSettings, sink: Sink, on_outcome=None) -> RunSummary:
+    """Connect, process the backlog once and log out (for `optout run --once`)."""
+    source = ImapSource(settings, sink, on_outcome=on_outcome)
+    try:
+        source.connect()
+        return source.run_once()
+    except NETWORK_ERRORS as error:
+        raise MailboxError(f"IMAP: {_text(error)}") from None
+    finally:
+        source.close()
