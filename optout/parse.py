@@ -80,6 +80,10 @@ def _content_hash(raw: bytes) -> str:
     return hashlib.sha256(b"\n".join(sorted(stable)) + b"\n\n" + body.rstrip()).hexdigest()
 
 
+ENCLOSED_TYPES = frozenset({"message/rfc822", "message/global", "text/rfc822-headers", "text/rfc822-header",
+                            "message/rfc822-headers"})
+ENCLOSED_WANTED = ("from", "to", "cc", "subject", "date", "message-id", "x-hmxmroriginalrecipient", "x-original-to",
+                   "delivered-to", "return-path")
 _HEADER_LINE = re.compile(rb"^(?:[!-9;-~]+[ \t]*:|[ \t])")
 
 
@@ -206,36 +210,43 @@ def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: d
     top_type = str(root.content_type).lower()
     if top_type == "multipart/report":
         report_type = (root.content_type.params.get("report-type") or "").lower() or None
-    for count, part in enumerate(root.walk(with_self=True, skip_enclosed=True)):
-        if count >= MAX_PARTS:
-            defects.append(f"more than {MAX_PARTS} parts: the rest ignored")
-            break
-        content_type = str(part.content_type).lower()
-        if content_type.startswith("multipart/"):
-            continue
-        if content_type in REPORT_PARTS:
-            report_type = report_type or REPORT_PARTS[content_type]
-            report_fields += _report_fields(part)
-            continue
-        if content_type in ("message/rfc822", "message/global", "text/rfc822-headers", "text/rfc822-header",
-                            "message/rfc822-headers"):
-            if not original_headers:
-                original_headers = _enclosed_headers(part)
-            if content_type.startswith("message/"):
-                attachments.append(Attachment(None, content_type, _size(part)))
-            continue
-        disposition = (part.content_disposition[0] or "").lower() if part.content_disposition else ""
-        filename = part.detected_file_name or None
-        if content_type.startswith("text/") and disposition != "attachment" and not (filename and content_type not in ("text/plain", "text/html")):
-            body = _body(part, defects)
-            if content_type == "text/html":
-                html.append(body)
-            elif content_type in ("text/plain", "text/enriched", "text/richtext") or not content_type[5:]:
-                plain.append(body)
-            else:
+    try:
+        parts = root.walk(with_self=True, skip_enclosed=True)
+        for count, part in enumerate(parts):
+            if count >= MAX_PARTS:
+                defects.append(f"more than {MAX_PARTS} parts: the rest ignored")
+                break
+            try:
+                content_type = str(part.content_type).lower()
+                if content_type.startswith("multipart/"):
+                    continue
+                if content_type in REPORT_PARTS:
+                    report_type = report_type or REPORT_PARTS[content_type]
+                    report_fields += _report_fields(part)
+                    continue
+                if content_type in ENCLOSED_TYPES:
+                    if not original_headers:
+                        original_headers = _enclosed_headers(part)
+                    if content_type.startswith("message/"):
+                        attachments.append(Attachment(None, content_type, _size(part)))
+                    continue
+                disposition = (part.content_disposition[0] or "").lower() if part.content_disposition else ""
+                filename = getattr(part, "detected_file_name", None) or None
+                if content_type.startswith("text/") and disposition != "attachment" and not (
+                        filename and content_type not in ("text/plain", "text/html")):
+                    body = _body(part, defects)
+                    if content_type == "text/html":
+                        html.append(body)
+                    elif content_type in ("text/plain", "text/enriched", "text/richtext") or not content_type[5:]:
+                        plain.append(body)
+                    else:
+                        attachments.append(Attachment(filename, content_type, _size(part)))
+                    continue
                 attachments.append(Attachment(filename, content_type, _size(part)))
-            continue
-        attachments.append(Attachment(filename, content_type, _size(part)))
+            except Exception as error:  # one broken part must not cost the rest of the message
+                defects.append(f"unreadable part: {type(error).__name__}")
+    except Exception as error:  # flanker's structure itself gave way while walking
+        defects.append(f"walk failed: {type(error).__name__}")
     text_from_html = False
     if any(p.strip() for p in plain):
         text = "\n".join(plain)
@@ -266,7 +277,7 @@ def _body(part, defects: list[str]) -> str:
             codecs.lookup(charset)
         except LookupError:
             defects.append(f"unknown charset {charset[:40]!r}")
-    if part.content_encoding.value == "base64":
+    if getattr(part.content_encoding, "value", part.content_encoding) == "base64":
         try:
             # flanker's own decoder forgives broken base64; check the encoded text strictly.
             encoded = part._container.read_body()
@@ -283,7 +294,15 @@ def _body(part, defects: list[str]) -> str:
             return ""
     if isinstance(body, bytes):
         return body.decode("utf-8", "replace")
-    return body if isinstance(body, str) else ""
+    if not isinstance(body, str):
+        return ""
+    if "\x1b" in body and charset and charset.lower().startswith("iso-2022"):
+        # flanker leaves pure 7-bit bodies undecoded, but ISO-2022 (Japanese mail) is 7-bit escapes.
+        try:
+            return body.encode("ascii").decode(charset)
+        except (UnicodeError, LookupError):
+            defects.append(f"undecodable {charset[:40]} text")
+    return body
 
 
 def _size(part) -> int:
@@ -333,12 +352,18 @@ def _fields(text: str) -> list[tuple[str, str]]:
 
 
 def _enclosed_headers(part) -> tuple[tuple[str, str], ...]:
+    """Return the headers that matter of an enclosed original message (the one a report or bounce returns)."""
     enclosed = getattr(part, "enclosed", None)
     if enclosed is not None:
-        try:
-            return _headers_of(enclosed.headers.items())
-        except Exception:
-            return ()
+        found = []
+        for name in ENCLOSED_WANTED:
+            try:
+                value = enclosed.headers.get(name)
+            except Exception:
+                continue
+            if value is not None:
+                found.append((name, _clean(str(value))[:MAX_HEADER_VALUE]))
+        return tuple(found)
     try:
         body = part.body
     except Exception:
@@ -347,7 +372,8 @@ def _enclosed_headers(part) -> tuple[tuple[str, str], ...]:
         body = body.decode("utf-8", "replace")
     if not isinstance(body, str):
         return ()
-    return tuple(_fields(body.split("\n\n", 1)[0] if "\n\n" in body.replace("\r\n", "\n") else body))
+    head = body.replace("\r\n", "\n").split("\n\n", 1)[0]
+    return tuple(field for field in _fields(head) if field[0] in ENCLOSED_WANTED)
 
 
 def _from_stdlib(raw: bytes, digest: str, defects: list[str], envelope: dict) -> Message:

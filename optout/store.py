@@ -229,13 +229,15 @@ class Store:
                 "rule": classification.rule, "action": decision.action})
             added = 0
             for effect in decision.suppressions:
-                added += self.db.execute(
+                inserted = self.db.execute(
                     """INSERT INTO suppressions (address, address_hash, display, scope, reason, source_key, created_at)
                        VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, scope) DO NOTHING""",
                     [effect.address, drop_hash(effect.address), effect.display, effect.scope.value, effect.reason,
                      key, at]).rowcount
-                self._audit(at, "suppression.add", effect.address, key,
-                            {"scope": effect.scope.value, "reason": effect.reason})
+                if inserted:
+                    added += 1
+                    self._audit(at, "suppression.add", effect.address, key,
+                                {"scope": effect.scope.value, "reason": effect.reason})
             request_ids = []
             for effect in decision.requests:
                 cursor = self.db.execute(

@@ -32,6 +32,12 @@ _REPLY_PREFIX = re.compile(
 )
 
 
+# The combining marks that folding removes; the dakuten of kana (\u3099, \u309a) stay, or Japanese words change.
+_MARKS = {code: None for code in (*range(0x0300, 0x0370), *range(0x0483, 0x048A), *range(0x1AB0, 0x1B00),
+                                  *range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100), *range(0xFE20, 0xFE30))
+          if unicodedata.combining(chr(code))}
+
+
 def is_cjk(char: str) -> bool:
     """Say whether a character is a kana or a CJK ideograph."""
     return bool(char) and ("\u3040" <= char <= "\u30ff" or "\u3400" <= char <= "\u9fff"
@@ -43,10 +49,7 @@ def fold(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).translate(_QUOTES).casefold()
     if text.isascii():
         return text
-    decomposed = unicodedata.normalize("NFKD", text)
-    # Keep the dakuten of kana (\u3099, \u309a): without them Japanese words change.
-    stripped = "".join(c for c in decomposed if not unicodedata.combining(c) or c in "\u3099\u309a")
-    return unicodedata.normalize("NFC", stripped)
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFKD", text).translate(_MARKS))
 
 
 def tokenise(text: str) -> list[str]:

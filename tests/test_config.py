@@ -121,7 +121,9 @@ def test_an_unknown_key_names_the_file_and_the_key(tmp_path):
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
-    path = write(tmp_path, "[database]\npaht = 'x.db'\n\n[replies]\ndaily_cpa = 3\nto_other = 'yes'\n\n[bogus]\nx = 1\n")
+    path = write(tmp_path, "[database]\npaht = 'x.db'\n\n"
+                           "[replies]\ndaily_cpa = 3\nto_other = 'yes'\n\n"
+                           "[bogus]\nx = 1\n")
 
     message = problem(path)
 

@@ -26,6 +26,7 @@ def test_every_shipped_table_has_the_core_sections():
         single = load_lexicon(HERE, (path.stem,))
         categories = {p.category for ps in single.phrases.exact.values() for p in ps}
         categories |= {p.category for ps in single.phrases.prefix.values() for p in ps}
+        categories |= {p.category for ps in single.phrases.suffix.values() for p in ps}
         categories |= {p.category for p in single.phrases.loose}
         for needed in ("opt-out.newsletters", "access.access", "deletion.erasure", "deletion.child"):
             assert needed in categories, (path.name, needed)

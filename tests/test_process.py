@@ -44,6 +44,14 @@ def test_an_opt_out_mail_suppresses_the_sender(store, pipeline, mail):
     assert store.ledger(outcome.key)["kind"] == "opt-out"
 
 
+@pytest.mark.parametrize("body", ["I want to opt out.", "Hi, I would like to unsubscribe. Thanks"])
+def test_an_opt_out_in_the_body_alone_suppresses_the_sender(store, pipeline, mail, body):
+    outcome = process(mail(body, subject="Hello"), "file", store, pipeline, NOW)
+
+    assert outcome.classification.kind is Kind.OPT_OUT
+    assert [s["address"] for s in store.suppressions()] == ["ann@example.net"]
+
+
 def test_a_newsletter_unsubscribe_suppresses_only_newsletters(store, pipeline, mail):
     process(mail("Please unsubscribe me from your newsletter.", subject="Unsubscribe"), "file", store, pipeline, NOW)
 

@@ -120,6 +120,19 @@ def test_two_messages_from_one_address_in_one_scope_make_one_suppression(store, 
     assert count(store.path, "ledger") == 2
 
 
+def test_a_suppression_already_present_writes_no_suppression_add_event(store, mail):
+    first = parse_message(mail("Please unsubscribe me.", message_id="<one@example.net>"))
+    second = parse_message(mail("Unsubscribe me now!", message_id="<two@example.net>"))
+    store.record(first, OPT_OUT, suppress(first), "file", NOW)
+
+    store.record(second, OPT_OUT, suppress(second), "file", NOW)
+
+    with sqlite3.connect(store.path) as connection:
+        events = [row[0] for row in connection.execute("SELECT event FROM audit ORDER BY id")]
+    assert events.count("suppression.add") == count(store.path, "suppressions") == 1
+    assert events.count("message") == 2
+
+
 def test_suppressions_of_one_address_in_two_scopes_are_two_rows(store, mail):
     first = parse_message(mail("No newsletters.", message_id="<one@example.net>"))
     second = parse_message(mail("Do not sell my data.", message_id="<two@example.net>"))
@@ -174,7 +187,8 @@ def record_three(store, mail):
         store.record(message, OPT_OUT, suppress(message), "file", NOW)
 
 
-@pytest.mark.parametrize("statement", ["UPDATE audit SET event = 'forged' WHERE id = 1", "DELETE FROM audit WHERE id = 1"])
+@pytest.mark.parametrize("statement", ["UPDATE audit SET event = 'forged' WHERE id = 1",
+                                       "DELETE FROM audit WHERE id = 1"])
 def test_the_audit_log_refuses_update_and_delete(store, mail, statement):
     record_three(store, mail)
     connection = sqlite3.connect(store.path, isolation_level=None)

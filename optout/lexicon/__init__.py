@@ -53,6 +53,30 @@ class Phrase:
     language: str
     text: str
     steps: tuple[Step, ...]
+    required: frozenset[str] = frozenset()
+    one_of: tuple[frozenset[str], ...] = ()
+
+    def may_match(self, present: set[str]) -> bool:
+        """Say whether the words of a text leave this phrase any chance (a cheap test before matching)."""
+        return self.required.issubset(present) and all(not group.isdisjoint(present) for group in self.one_of)
+
+
+def _prefilter(steps: tuple[Step, ...]) -> tuple[frozenset[str], tuple[frozenset[str], ...]]:
+    """Return the words every match must contain, and groups of which each match contains one."""
+    required: set[str] = set()
+    one_of: list[frozenset[str]] = []
+    for kind, value in steps:
+        if kind == EQ:
+            required.add(value)
+        elif kind == ALT:
+            firsts: set[str] = set()
+            for alternative in value:
+                if not alternative or alternative[0][0] != EQ:
+                    break
+                firsts.add(alternative[0][1])
+            else:
+                one_of.append(frozenset(firsts))
+    return frozenset(required), tuple(one_of)
 
 
 @dataclass(frozen=True)
@@ -74,37 +98,55 @@ def _test(kind: int, value: str, token: str) -> bool:
     return value in token
 
 
-def _match_from(steps: tuple, k: int, tokens: list[str], j: int, n: int) -> int | None:
-    if k == len(steps):
-        return j
-    kind, value = steps[k]
-    if kind == ALT:
-        rest = steps[k + 1:]
-        for alternative in value:
-            end = _match_from(alternative + rest, 0, tokens, j, n)
-            if end is not None:
-                return end
-        return None
-    if kind == GAP:
-        skipped = 0
-        while True:
-            end = _match_from(steps, k + 1, tokens, j, n)
-            if end is not None:
-                return end
-            if j >= n or tokens[j] == STOP:
-                return None
-            if tokens[j] == NEWLINE or tokens[j] == COMMA:
-                j += 1  # line breaks and commas inside a gap are free
-                continue
-            if skipped >= value:
-                return None
+def _match_from(steps: tuple, k: int, tokens: list[str], j: int, n: int, then=None) -> int | None:
+    """Match steps[k:] at tokens[j:]; `then` is what must follow (a linked list of (steps, k) frames)."""
+    while True:
+        if k == len(steps):
+            if then is None:
+                return j
+            (steps, k), then = then
+            continue
+        kind, value = steps[k]
+        if kind == ALT:
+            frame = ((steps, k + 1), then)
+            for alternative in value:
+                end = _match_from(alternative, 0, tokens, j, n, frame)
+                if end is not None:
+                    return end
+            return None
+        if kind == GAP:
+            skipped = 0
+            while True:
+                end = _match_from(steps, k + 1, tokens, j, n, then)
+                if end is not None:
+                    return end
+                if j >= n or tokens[j] == STOP:
+                    return None
+                if tokens[j] == NEWLINE or tokens[j] == COMMA:
+                    j += 1  # line breaks and commas inside a gap are free
+                    continue
+                if skipped >= value:
+                    return None
+                j += 1
+                skipped += 1
+        while j < n and tokens[j] == NEWLINE:
             j += 1
-            skipped += 1
-    while j < n and tokens[j] == NEWLINE:
+        if j >= n:
+            return None
+        token = tokens[j]
+        if kind == EQ:
+            if token != value:
+                return None
+        elif kind == PREFIX:
+            if not token.startswith(value):
+                return None
+        elif kind == SUFFIX:
+            if not token.endswith(value):
+                return None
+        elif value not in token:
+            return None
+        k += 1
         j += 1
-    if j < n and _test(kind, value, tokens[j]):
-        return _match_from(steps, k + 1, tokens, j + 1, n)
-    return None
 
 
 def _first_steps(steps: tuple, k: int = 0) -> list[Step] | None:
@@ -124,48 +166,65 @@ def _first_steps(steps: tuple, k: int = 0) -> list[Step] | None:
 
 @dataclass(frozen=True)
 class PhraseIndex:
-    """Phrases indexed by the tokens they can begin with, so that matching is one pass over the tokens."""
+    """Phrases indexed by what they can begin with, so that matching is one pass over the tokens.
+
+    A first step that is a word is looked up exactly; a prefix by its first three letters; a suffix by
+    its last three; only the rare infix (`*word*`) is tried on every token.
+    """
 
     exact: dict[str, tuple[Phrase, ...]]
     prefix: dict[str, tuple[Phrase, ...]]
+    suffix: dict[str, tuple[Phrase, ...]]
     loose: tuple[Phrase, ...]
 
     @classmethod
     def build(cls, phrases: list[Phrase]) -> PhraseIndex:
-        """Index phrases by a first exact token, the first three letters of a first prefix, or not at all."""
-        exact: dict[str, dict[int, Phrase]] = {}
-        prefix: dict[str, dict[int, Phrase]] = {}
+        """Index every phrase under each of the steps it can begin with."""
+        tables: dict[int, dict[str, dict[int, Phrase]]] = {EQ: {}, PREFIX: {}, SUFFIX: {}}
         loose: dict[int, Phrase] = {}
         for number, phrase in enumerate(phrases):
             for kind, value in _first_steps(phrase.steps) or ():
                 if kind == EQ:
-                    exact.setdefault(value, {})[number] = phrase
+                    tables[EQ].setdefault(value, {})[number] = phrase
                 elif kind == PREFIX:
-                    prefix.setdefault(value[:3], {})[number] = phrase
+                    tables[PREFIX].setdefault(value[:3], {})[number] = phrase
+                elif kind == SUFFIX and len(value) >= 3:
+                    tables[SUFFIX].setdefault(value[-3:], {})[number] = phrase
                 else:
                     loose[number] = phrase
-        return cls({k: tuple(v.values()) for k, v in exact.items()},
-                   {k: tuple(v.values()) for k, v in prefix.items()}, tuple(loose.values()))
+        frozen = {kind: {k: tuple(v.values()) for k, v in table.items()} for kind, table in tables.items()}
+        return cls(frozen[EQ], frozen[PREFIX], frozen[SUFFIX], tuple(loose.values()))
 
     def find(self, tokens: list[str]) -> list[Match]:
         """Return every match of every phrase in tokens, in order of position."""
         found: list[Match] = []
+        append = found.append
         n = len(tokens)
-        exact, prefix, loose = self.exact, self.prefix, self.loose
+        present = set(tokens)
+        verdicts: dict[int, bool] = {}
+        exact, prefix, suffix, loose = self.exact, self.prefix, self.suffix, self.loose
         for i, token in enumerate(tokens):
             if token == STOP or token == COMMA or token == NEWLINE:
                 continue
-            candidates = exact.get(token, ())
+            groups = [exact.get(token)]
             if len(token) >= 3:
-                more = prefix.get(token[:3])
-                if more:
-                    candidates = candidates + more
+                groups.append(prefix.get(token[:3]))
+                groups.append(suffix.get(token[-3:]))
             if loose:
-                candidates = candidates + loose
-            for phrase in candidates:
-                end = _match_from(phrase.steps, 0, tokens, i, n)
-                if end is not None:
-                    found.append(Match(phrase, i, end))
+                groups.append(loose)
+            for group in groups:
+                if not group:
+                    continue
+                for phrase in group:
+                    key = id(phrase)
+                    verdict = verdicts.get(key)
+                    if verdict is None:
+                        verdict = verdicts[key] = phrase.may_match(present)
+                    if not verdict:
+                        continue
+                    end = _match_from(phrase.steps, 0, tokens, i, n)
+                    if end is not None:
+                        append(Match(phrase, i, end))
         return found
 
 
@@ -263,7 +322,11 @@ def _expand(steps: tuple[Step, ...], where: str) -> list[tuple[str, ...]]:
 def _phrases(entries: list, category: str, language: str, where: str) -> list[Phrase]:
     if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
         raise LexiconError(f"{where}: expected a list of strings")
-    return [Phrase(category, language, entry, _parse(entry, f"{where}: {entry!r}")) for entry in entries]
+    phrases = []
+    for entry in entries:
+        steps = _parse(entry, f"{where}: {entry!r}")
+        phrases.append(Phrase(category, language, entry, steps, *_prefilter(steps)))
+    return phrases
 
 
 def _token_tuples(entries: list, where: str) -> set[tuple[str, ...]]:
