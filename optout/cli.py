@@ -84,9 +84,9 @@ def now() -> datetime:
 
 
 @click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="OPTOUT_CONFIG",
+@click.option("--config", "config_path", envvar="OPTOUT_CONFIG", metavar="PATH",
               help="Config file (TOML). Default: none, embedded defaults.")
-@click.option("--database", type=click.Path(dir_okay=False), envvar="OPTOUT_DATABASE",
+@click.option("--database", envvar="OPTOUT_DATABASE", metavar="PATH",
               help="SQLite database file. Default: var/optout.db.")
 @click.version_option(package_name="optout")
 @click.pass_context

@@ -42,12 +42,20 @@ def parse_message(raw: bytes, envelope_sender: str | None = None,
     raw = _trim_leading(raw)
     content = _content_hash(raw)
     defects += _header_defects(raw)
+    # flanker turns the whole message into text before it looks at any part, guessing the charset when
+    # the bytes are not UTF-8, and never applies a part's declared charset to 8-bit text. So mail that is
+    # not UTF-8 is handed over byte for byte as Latin-1, and `_body` decodes each part with its charset.
     try:
-        root = mime.from_string(raw)
+        raw.decode("utf-8")
+        source: bytes | str = raw
+    except UnicodeDecodeError:
+        source = raw.decode("latin-1")
+    try:
+        root = mime.from_string(source)
     except Exception as error:  # flanker raises many types on broken MIME; recover() is its lenient mode
         defects.append(f"strict parse failed: {type(error).__name__}")
         try:
-            root = mime.recover(raw)
+            root = mime.recover(source)
         except Exception as error2:
             defects.append(f"recover failed: {type(error2).__name__}")
             root = None
@@ -59,7 +67,7 @@ def parse_message(raw: bytes, envelope_sender: str | None = None,
     if root is None:
         return _from_stdlib(raw, digest, defects, envelope)
     try:
-        return _from_flanker(root, raw, digest, defects, envelope)
+        return _from_flanker(root, raw, digest, defects, envelope, isinstance(source, str))
     except Exception as error:  # a part flanker accepted but cannot decode: keep what the headers say
         defects.append(f"walk failed: {type(error).__name__}")
         return _from_stdlib(raw, digest, defects, envelope)
@@ -111,13 +119,24 @@ def _trim_leading(raw: bytes) -> bytes:
     return raw
 
 
-def _headers_of(items) -> tuple[tuple[str, str], ...]:
+def _headers_of(items, latin: bool = False) -> tuple[tuple[str, str], ...]:
     result = []
     for index, (name, value) in enumerate(items):
         if index >= MAX_HEADERS:
             break
-        result.append((str(name).lower(), _clean(str(value))[:MAX_HEADER_VALUE]))
+        value = str(value)
+        if latin and not value.isascii():
+            value = _utf8_or_latin(value)
+        result.append((str(name).lower(), _clean(value)[:MAX_HEADER_VALUE]))
     return tuple(result)
+
+
+def _utf8_or_latin(value: str) -> str:
+    # A raw 8-bit header (SMTPUTF8 mail) came through as Latin-1: it is most likely UTF-8.
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 def _clean(value: str) -> str:
@@ -199,8 +218,8 @@ def _common(headers: tuple[tuple[str, str], ...], raw: bytes, digest: str, defec
     )
 
 
-def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: dict) -> Message:
-    headers = _headers_of(root.headers.items())
+def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: dict, latin: bool) -> Message:
+    headers = _headers_of(root.headers.items(), latin)
     plain: list[str] = []
     html: list[str] = []
     attachments: list[Attachment] = []
@@ -219,6 +238,9 @@ def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: d
             try:
                 content_type = str(part.content_type).lower()
                 if content_type.startswith("multipart/"):
+                    boundary = part.content_type.params.get("boundary")
+                    if boundary and f"--{boundary}--".encode("utf-8", "replace") not in raw:
+                        defects.append("a multipart without its closing boundary (truncated?)")
                     continue
                 if content_type in REPORT_PARTS:
                     report_type = report_type or REPORT_PARTS[content_type]
@@ -234,7 +256,7 @@ def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: d
                 filename = getattr(part, "detected_file_name", None) or None
                 if content_type.startswith("text/") and disposition != "attachment" and not (
                         filename and content_type not in ("text/plain", "text/html")):
-                    body = _body(part, defects)
+                    body = _body(part, defects, latin)
                     if content_type == "text/html":
                         html.append(body)
                     elif content_type in ("text/plain", "text/enriched", "text/richtext") or not content_type[5:]:
@@ -270,14 +292,15 @@ def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: d
     )
 
 
-def _body(part, defects: list[str]) -> str:
+def _body(part, defects: list[str], latin: bool = False) -> str:
     charset = part.content_type.params.get("charset")
+    encoding = str(getattr(part.content_encoding, "value", part.content_encoding) or "").lower()
     if charset:
         try:
             codecs.lookup(charset)
         except LookupError:
             defects.append(f"unknown charset {charset[:40]!r}")
-    if getattr(part.content_encoding, "value", part.content_encoding) == "base64":
+    if encoding == "base64":
         try:
             # flanker's own decoder forgives broken base64; check the encoded text strictly.
             encoded = part._container.read_body()
@@ -296,6 +319,8 @@ def _body(part, defects: list[str]) -> str:
         return body.decode("utf-8", "replace")
     if not isinstance(body, str):
         return ""
+    if latin and encoding not in ("base64", "quoted-printable") and not body.isascii():
+        return _declared(body.encode("latin-1", "replace"), charset, defects)
     if "\x1b" in body and charset and charset.lower().startswith("iso-2022"):
         # flanker leaves pure 7-bit bodies undecoded, but ISO-2022 (Japanese mail) is 7-bit escapes.
         try:
@@ -303,6 +328,20 @@ def _body(part, defects: list[str]) -> str:
         except (UnicodeError, LookupError):
             defects.append(f"undecodable {charset[:40]} text")
     return body
+
+
+def _declared(data: bytes, charset: str | None, defects: list[str]) -> str:
+    """Decode 8-bit text with its declared charset; undeclared, UTF-8, then Windows-1252."""
+    for candidate in (charset, "utf-8", "cp1252"):
+        if not candidate:
+            continue
+        try:
+            return data.decode(candidate)
+        except LookupError:
+            continue
+        except UnicodeDecodeError:
+            continue  # mislabelled 8-bit text is common ("us-ascii" over Latin-1): read it, don't flag it
+    return data.decode("latin-1")
 
 
 def _size(part) -> int:
@@ -316,14 +355,8 @@ def _report_fields(part) -> list[tuple[str, str]]:
     enclosed = getattr(part, "enclosed", None)
     if enclosed is not None:
         items = list(enclosed.headers.items())
-        try:
-            body = enclosed.body
-        except Exception:
-            body = None
-        fields = [(str(k).lower(), _clean(str(v))[:MAX_HEADER_VALUE]) for k, v in items]
-        if isinstance(body, str) and body.strip():
-            fields += _fields(body)
-        return fields[:MAX_HEADERS]
+            # The fields are the enclosed "headers"; flanker's body of such a part can run on past its boundary.
+        return [(str(k).lower(), _clean(str(v))[:MAX_HEADER_VALUE]) for k, v in items][:MAX_HEADERS]
     try:
         body = part.body
     except Exception:

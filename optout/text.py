@@ -11,14 +11,14 @@ _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
 _TOKEN = re.compile(
     rf"(?P<cjk>[{_CJK}])"
     rf"|(?P<word>[^\W_{_CJK}]+)"
-    r"|(?P<stop>[.!?;。！？；]+(?=\s|$)(?![ \t]*\d)|\n[ \t]*\n)"
+    r"|(?P<stop>[.!?;]+(?=\s|$)(?![ \t]*\d)|[。！？；]+|\n[ \t]*\n)"
     r"|(?P<comma>[,:、，：()\u2013\u2014\u2022|]|\s-\s)"
     r"|(?P<newline>\n)"
 )
 # Links and addresses are not words: "http://example.com/unsubscribe" asks nothing of anyone. A link
 # leaves the token LINK behind (footers say "Unsubscribe: <link>"); an address or a tag leaves nothing.
 _LINK = re.compile(r"(?:https?://|ftp://|www\.)[^\s<>\"')\]]*")
-_ADDRESS = re.compile(r"(?:mailto:)?[\w.+-]+@[\w-]+(?:\.[\w-]+)+|<[^<>\n]{0,300}>")
+_ADDRESS = re.compile(r"mailto:[^\s<>\"')\]]*|[\w.+-]+@[\w-]+(?:\.[\w-]+)+|<[^<>\n]{0,300}>")
 LINK = "xlinkx"
 STOP = "."
 COMMA = ","
@@ -46,7 +46,7 @@ def is_cjk(char: str) -> bool:
 
 def fold(text: str) -> str:
     """Return text case-folded, with accents and typographic apostrophes removed, for matching."""
-    text = unicodedata.normalize("NFKC", text).translate(_QUOTES).casefold()
+    text = unicodedata.normalize("NFKC", text.translate(_QUOTES)).casefold()
     if text.isascii():
         return text
     return unicodedata.normalize("NFC", unicodedata.normalize("NFKD", text).translate(_MARKS))
@@ -68,7 +68,7 @@ def tokenise_lines(text: str) -> tuple[list[str], list[int]]:
     append, mark = tokens.append, lines.append
     line = 0
     folded = fold(text)
-    if "@" in folded or "<" in folded:
+    if "@" in folded or "<" in folded or "mailto:" in folded:
         folded = _ADDRESS.sub(_blank_link, folded)
     if "http" in folded or "www." in folded or "ftp:" in folded:
         folded = _LINK.sub(_mark_link, folded)

@@ -68,3 +68,68 @@ def corpora() -> Path:
     if not (CORPORA / "labels.tsv").is_file():
         pytest.skip(f"shared corpora not found at {CORPORA} (set OPTOUT_CORPORA)")
     return CORPORA
+
+
+# ---------------------------------------------------------------- real servers and the optout command
+
+import subprocess  # noqa: E402
+import sqlite3  # noqa: E402
+import sys  # noqa: E402
+
+from dovecot import Dovecot, require_dovecot  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory):
+    """A private Dovecot on 127.0.0.1 and a free port, for the whole session (fails in CI when absent)."""
+    require_dovecot()
+    server = Dovecot(tmp_path_factory.mktemp("dovecot"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mailbox(dovecot):
+    """A fresh, empty mailbox: a new user on the session's Dovecot."""
+    return dovecot.mailbox()
+
+
+def optout_command() -> list[str]:
+    """Return the argv that runs the optout command of this virtualenv."""
+    script = Path(sys.executable).with_name("optout")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from optout.cli import main; main()"]
+
+
+def optout_env(**values: str) -> dict[str, str]:
+    """Return this process's environment without any OPTOUT_* variable, plus `values`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OPTOUT_")}
+    env.update(values)
+    return env
+
+
+def run_cli(cwd: Path, *args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `optout ARGS` as a subprocess in cwd (its lock file is cwd/var/optout.lock) and wait for it."""
+    return subprocess.run(optout_command() + list(args), env=optout_env(**env), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def run_optout(tmp_path):
+    """Run `optout ARGS` as a subprocess in tmp_path; return the completed process."""
+
+    def run(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+        return run_cli(tmp_path, *args, env=env, timeout=timeout)
+
+    return run
+
+
+def query(database: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Read rows from an optout database with a connection of our own; [] when the file does not exist."""
+    if not Path(database).exists():
+        return []
+    connection = sqlite3.connect(f"file:{database}?mode=rw", uri=True, timeout=10)
+    try:
+        return connection.execute(sql, params).fetchall()
+    finally:
+        connection.close()
