@@ -7,7 +7,16 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' 2>/dev/null \
 	&& { echo $$p; break; }; done)
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean test-deps
+
+# System packages the tests use: a real Dovecot for IMAP and swaks as a real SMTP client.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-deps:
+	@command -v dovecot >/dev/null && command -v swaks >/dev/null || { \
+		echo "installing dovecot-imapd and swaks"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dovecot-imapd swaks >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -q >/dev/null && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dovecot-imapd swaks >/dev/null; }; }
 
 install: $(VENV)/.installed
 
@@ -24,8 +33,10 @@ run: install
 	$(BIN)/optout process --mbox fixtures/sample.mbox
 	@echo
 	$(BIN)/optout suppression list
+	@echo
+	$(BIN)/optout daemon
 
-test: install
+test: install test-deps
 	$(BIN)/pytest -q
 
 bench: install

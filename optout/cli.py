@@ -53,16 +53,9 @@ class Context:
     def pipeline(self):
         """Load the phrase tables and rules on first use."""
         if self._pipeline is None:
-            from optout.lexicon import load_lexicon
-            from optout.policy import Rules
-            from optout.process import Pipeline
+            from optout.daemon import make_pipeline
 
-            settings = self.settings
-            lexicon = load_lexicon(Path(settings.lexicon_dir)) if settings.lexicon_dir else load_lexicon()
-            rules = Rules(own_addresses=settings.privacy_addresses + settings.own_addresses,
-                          request_days=settings.request_days, child_request_days=settings.child_request_days,
-                          reply_to_other=settings.reply_to_other, daily_reply_cap=settings.daily_reply_cap)
-            self._pipeline = Pipeline(lexicon, settings.unsubscribe_addresses, rules)
+            self._pipeline = make_pipeline(self.settings)
         return self._pipeline
 
     def close(self) -> None:
@@ -351,10 +344,71 @@ def run(ctx: click.Context, once: bool, dry_run: bool, as_json: bool) -> None:
                        f"{summary.duplicates} already processed, {summary.moved} {verb if not dry_run else 'moved'}.")
             if dry_run:
                 message += " Dry run: nothing written, nothing moved."
+        sent = None
+        if not dry_run:
+            from optout.daemon import flush_outbox
+
+            sent = flush_outbox(settings, state.store, now)
+            message += (f" Outbox: {sent.sent} sent, {sent.retried} deferred, {sent.failed} failed"
+                        f"{f', {sent.held} held by the hourly cap' if sent.held else ''}.")
     if as_json:
-        click.echo(json.dumps({"imap": None if summary is None else summary.__dict__, "dry_run": dry_run}))
+        click.echo(json.dumps({"imap": None if summary is None else summary.__dict__,
+                               "outbox": None if sent is None else sent.__dict__, "dry_run": dry_run}))
     else:
         click.echo(message)
+
+
+@cli.group()
+def outbox() -> None:
+    """Inspect and manage the replies waiting to be sent."""
+
+
+@outbox.command("list")
+@click.option("--status", type=click.Choice(["queued", "sent", "failed"]), help="Only replies in this state.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array.")
+@click.pass_obj
+def outbox_list(state: Context, status: str | None, as_json: bool) -> None:
+    """List replies, newest first."""
+    rows = state.store.outbox(status)
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=1))
+        return
+    if not rows:
+        click.echo("The outbox is empty.")
+        return
+    click.echo(_table([[str(r["id"]), r["status"], r["kind"], r["language"] or "", r["to_address"], str(r["attempts"]),
+                        (r["sent_at"] or r["next_attempt_at"] or "")[:19], (r["last_error"] or "")[:40]] for r in rows],
+                      ["id", "status", "kind", "lang", "to", "tries", "sent / next try", "last error"]))
+
+
+@outbox.command("retry")
+@click.argument("reply_id", type=int)
+@click.pass_obj
+def outbox_retry(state: Context, reply_id: int) -> None:
+    """Queue a failed or waiting reply again, due now."""
+    if not state.store.outbox_retry(reply_id, now()):
+        raise InputError(f"no unsent reply with id {reply_id}")
+    click.echo(f"reply {reply_id} queued; it goes out with the next outbox run")
+
+
+@outbox.command("purge")
+@click.option("--sent", "purge_sent", is_flag=True, help="Purge replies that were sent.")
+@click.option("--failed", "purge_failed", is_flag=True, help="Purge replies that failed for good.")
+@click.option("--older-than", default="30d", show_default=True, help="Age, e.g. 30d, 12h.")
+@click.pass_obj
+def outbox_purge(state: Context, purge_sent: bool, purge_failed: bool, older_than: str) -> None:
+    """Delete old sent (or failed) replies; the audit log keeps that they were sent."""
+    from datetime import timedelta
+
+    statuses = tuple(s for s, wanted in (("sent", purge_sent), ("failed", purge_failed)) if wanted)
+    if not statuses:
+        raise click.UsageError("say what to purge: --sent and/or --failed")
+    number, unit = older_than[:-1], older_than[-1:]
+    if not number.isdigit() or unit not in "dh":
+        raise click.UsageError(f"--older-than {older_than!r}: use a number and d or h, e.g. 30d")
+    age = timedelta(days=int(number)) if unit == "d" else timedelta(hours=int(number))
+    count = state.store.outbox_purge(now() - age, statuses)
+    click.echo(f"{count} replies purged")
 
 
 @cli.command()

@@ -45,8 +45,25 @@ class Settings:
     smtp_session_timeout: int = 600
     smtp_max_connections: int = 100
     lock_file: str = "var/optout.lock"
+    reply_from: str | None = None
+    organisation: str = ""
+    templates_dir: str | None = None
+    reply_hourly_cap: int = 100
+    sent_maildir: str = "var/sent"
+    relay_url: str | None = field(default=None, repr=False)
+    relay_username: str | None = None
+    relay_password_file: str | None = None
+    dkim_selector: str | None = None
+    dkim_domain: str | None = None
+    dkim_key_file: str | None = None
     source: str = field(default="embedded defaults", compare=False)
     imap_password: str | None = field(default=None, repr=False, compare=False)
+    relay_password: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def sender(self) -> str:
+        """Return the address replies come from: [replies] from, else the first privacy address."""
+        return self.reply_from or self.privacy_addresses[0]
 
 
 # section -> key -> (Settings field, type, check)
@@ -64,6 +81,21 @@ SCHEMA: dict[str, dict[str, tuple[str, type, str | None]]] = {
     "replies": {
         "to_other": ("reply_to_other", bool, None),
         "daily_cap": ("daily_reply_cap", int, "non-negative"),
+        "from": ("reply_from", str, "address"),
+        "organisation": ("organisation", str, None),
+        "templates_dir": ("templates_dir", str, None),
+        "hourly_cap": ("reply_hourly_cap", int, "non-negative"),
+        "maildir": ("sent_maildir", str, None),
+    },
+    "relay": {
+        "url": ("relay_url", str, "relay-url"),
+        "username": ("relay_username", str, None),
+        "password_file": ("relay_password_file", str, None),
+    },
+    "dkim": {
+        "selector": ("dkim_selector", str, None),
+        "domain": ("dkim_domain", str, None),
+        "key_file": ("dkim_key_file", str, None),
     },
     "classify": {"lexicon_dir": ("lexicon_dir", str, None)},
     "imap": {
@@ -112,6 +144,10 @@ def _check(value, kind: type, check: str | None, where: str, problems: list[str]
         problem = imap_url_problem(value)
         if problem:
             problems.append(f"{where}: {problem}")
+    if check == "address" and isinstance(value, str) and value.count("@") != 1:
+        problems.append(f"{where}: {value!r} is not an address")
+    if check == "relay-url" and urlsplit(value).scheme not in ("smtp", "smtps", "smtp+starttls"):
+        problems.append(f"{where}: {value!r} must start with smtp://, smtps:// or smtp+starttls://")
     if check == "host-port":
         try:
             parse_listen(value)
@@ -172,6 +208,17 @@ def _imap_password(values: dict, environ: dict[str, str]) -> str | None:
     return None
 
 
+def _secret(value: str | None, path: str | None, what: str) -> str | None:
+    if value:
+        return value
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ConfigError(f"{what} {path}: {error.strerror or error}") from None
+    return None
+
+
 def problems_in(table: dict, name: str) -> tuple[dict, list[str]]:
     """Return the settings a parsed TOML table gives and every problem in it (file, key, why)."""
     values: dict = {}
@@ -228,6 +275,13 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
     if environ.get("OPTOUT_SMTP_LISTEN"):
         parse_listen(environ["OPTOUT_SMTP_LISTEN"], "OPTOUT_SMTP_LISTEN")
         values["smtp_listen"] = environ["OPTOUT_SMTP_LISTEN"]
+    if environ.get("OPTOUT_RELAY_URL"):
+        if urlsplit(environ["OPTOUT_RELAY_URL"]).scheme not in ("smtp", "smtps", "smtp+starttls"):
+            raise ConfigError("OPTOUT_RELAY_URL must start with smtp://, smtps:// or smtp+starttls://")
+        values["relay_url"] = environ["OPTOUT_RELAY_URL"]
     values["imap_password"] = _imap_password(values, environ)
+    values["relay_password"] = _secret(environ.get("OPTOUT_RELAY_PASSWORD"),
+                                       values.get("relay_password_file") or environ.get("OPTOUT_RELAY_PASSWORD_FILE"),
+                                       "relay password file")
     known = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in known}, source=source)

@@ -21,12 +21,47 @@ from optout.classify import is_unsubscribe_address
 from optout.config import Settings, parse_listen
 from optout.errors import LockedError, StoreError
 from optout.model import normalise_address
+from optout.outbox import FlushSummary, MaildirTransport, RelayTransport, dkim_signer, flush, relay_settings
+from optout.policy import Rules
 from optout.process import Intake, Outcome, Pipeline
 from optout.sources.imap import ImapSettings, ImapSource, imap_settings
 from optout.sources.smtp import PrivacyHandler, SmtpLimits, start_server
 from optout.store import Store
 
 log = logging.getLogger("optout")
+
+
+def make_pipeline(settings: Settings) -> Pipeline:
+    """Build what processing needs from the settings: phrase tables, rules, reply templates."""
+    from optout.lexicon import load_lexicon
+    from optout.replies import template_environment
+
+    lexicon = load_lexicon(Path(settings.lexicon_dir)) if settings.lexicon_dir else load_lexicon()
+    rules = Rules(own_addresses=settings.privacy_addresses + settings.own_addresses + (settings.sender,),
+                  request_days=settings.request_days, child_request_days=settings.child_request_days,
+                  reply_to_other=settings.reply_to_other, daily_reply_cap=settings.daily_reply_cap)
+    templates = template_environment(Path(settings.templates_dir) if settings.templates_dir else None)
+    return Pipeline(lexicon, settings.unsubscribe_addresses, rules, templates, settings.sender, settings.organisation)
+
+
+def make_transport(settings: Settings):
+    """Return where replies go: the relay when one is configured, else the maildir of sent mail."""
+    if settings.relay_url:
+        return RelayTransport(relay_settings(settings.relay_url, settings.relay_username, settings.relay_password))
+    return MaildirTransport(settings.sent_maildir)
+
+
+def make_signer(settings: Settings):
+    """Return the DKIM signer when a key is configured, else None."""
+    if settings.dkim_key_file and settings.dkim_selector:
+        return dkim_signer(settings.dkim_selector, settings.dkim_domain or settings.sender.rpartition("@")[2],
+                           settings.dkim_key_file)
+    return None
+
+
+def flush_outbox(settings: Settings, store, clock) -> FlushSummary:
+    """Deliver the due replies once."""
+    return flush(store, make_transport(settings), clock, settings.reply_hourly_cap, signer=make_signer(settings))
 
 
 def log_outcome(outcome: Outcome) -> None:

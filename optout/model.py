@@ -179,6 +179,21 @@ class OpenRequest:
     due_at: datetime
     flags: tuple[str, ...] = ()
     language: str | None = None
+    reference: str = ""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Effect: answer the sender with a template (opt-out, access, deletion or other) in their language."""
+
+    template: str
+    to: str
+    display: str
+    language: str
+    scopes: tuple[str, ...] = ()
+    reference: str = ""
+    due_at: datetime | None = None
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,7 @@ class History:
     suppressed_scopes: frozenset[str] = frozenset()
     open_requests: frozenset[str] = frozenset()
     replies_today: int = 0
+    replied_today: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -200,3 +216,4 @@ class Decision:
     may_reply: bool = False
     no_reply_reason: str | None = None
     notes: tuple[str, ...] = field(default=())
+    reply: Reply | None = None

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from optout.model import Classification, Decision, History, Kind, Message, OpenRequest, Scope, Suppress, normalise_address
+import base64
+import hashlib
+
+from optout.model import (Classification, Decision, History, Kind, Message, OpenRequest, Reply, Scope, Suppress,
+                          normalise_address)
 
 DAEMON_LOCAL_PARTS = frozenset({"mailer-daemon", "postmaster", "mail-daemon", "maildaemon", "mailerdaemon",
                                 "mail-delivery-system", "noreply", "no-reply", "no_reply", "donotreply",
@@ -71,6 +75,12 @@ def may_auto_reply(message: Message, classification: Classification, own_address
     return True, None
 
 
+def request_reference(kind: Kind, key: str) -> str:
+    """Return the reference of the request a message opens: a letter for its kind and eight characters."""
+    code = base64.b32encode(hashlib.sha256(f"{kind.value}\x1f{key}".encode()).digest()).decode()[:8]
+    return f"{'A' if kind is Kind.ACCESS else 'D'}-{code}"
+
+
 def complainant(message: Message) -> str | None:
     """Return the recipient a feedback report (RFC 5965) complains about, or None."""
     report = message.report
@@ -106,17 +116,18 @@ def decide(message: Message, classification: Classification, history: History, n
         may_reply, no_reply_reason = False, "replies to other are off"
     if may_reply and history.replies_today >= rules.daily_reply_cap:
         may_reply, no_reply_reason = False, f"daily reply cap ({rules.daily_reply_cap}) reached"
-    reply = dict(may_reply=may_reply, no_reply_reason=no_reply_reason)
     kind = classification.kind
+    quiet = dict(may_reply=False, no_reply_reason=no_reply_reason or "machine mail")
     if kind is Kind.OTHER and classification.reason == "complaint":
         address = complainant(message)
         if address is None:
-            return Decision("nothing", notes=("complaint names no recipient",), **reply)
+            return Decision("nothing", notes=("complaint names no recipient",), **quiet)
         if Scope.ALL in history.suppressed_scopes:
-            return Decision("nothing", notes=("already suppressed",), **reply)
-        return Decision("suppress", (Suppress(address, address, Scope.ALL, "complaint"),), **reply)
+            return Decision("nothing", notes=("already suppressed",), **quiet)
+        return Decision("suppress", (Suppress(address, address, Scope.ALL, "complaint"),), **quiet)
     if kind is Kind.OTHER:
-        return Decision("nothing", **reply)
+        return Decision("nothing", **_reply(message, classification, history, rules, (), may_reply,
+                                              no_reply_reason, ()))
     if not message.sender or "@" not in message.sender:
         return Decision("nothing", notes=("no sender address to act on",), may_reply=False,
                         no_reply_reason="no sender")
@@ -138,8 +149,29 @@ def decide(message: Message, classification: Classification, history: History, n
             child = "child" in classification.flags
             days = rules.child_request_days if child else rules.request_days
             requests = (OpenRequest(kind, message.sender, display, now + timedelta(days=days),
-                                    classification.flags, classification.language),)
+                                    classification.flags, classification.language,
+                                    request_reference(kind, message.key)),)
+    reply = _reply(message, classification, history, rules, requests, may_reply, no_reply_reason, notes)
     if not suppressions and not requests:
         return Decision("nothing", notes=notes or ("already suppressed",), **reply)
     action = "+".join(a for a, present in (("suppress", suppressions), ("open-request", requests)) if present)
     return Decision(action, suppressions, requests, notes=notes, **reply)
+
+
+def _reply(message: Message, classification: Classification, history: History, rules: Rules,
+           requests: tuple[OpenRequest, ...], may_reply: bool, no_reply_reason: str | None,
+           notes: tuple[str, ...]) -> dict:
+    """Return the reply part of a decision: at most one reply of a kind per address per day."""
+    kind = classification.kind
+    if not may_reply:
+        return dict(may_reply=False, no_reply_reason=no_reply_reason)
+    if kind in (Kind.ACCESS, Kind.DELETION) and not requests:
+        return dict(may_reply=False, no_reply_reason=notes[0] if notes else "no new request")
+    if kind.value in history.replied_today:
+        return dict(may_reply=False, no_reply_reason=f"already answered a {kind.value} today")
+    request = requests[0] if requests else None
+    scopes = tuple(classification.scopes) if kind is Kind.OPT_OUT else (classification.reason,)
+    reply = Reply(kind.value, message.sender, message.sender_display or message.sender,
+                  classification.language or "en", scopes, request.reference if request else "",
+                  request.due_at if request else None, classification.flags)
+    return dict(may_reply=True, no_reply_reason=None, reply=reply)

@@ -10,6 +10,7 @@ from optout.lexicon import Lexicon
 from optout.model import Classification, Decision, Message
 from optout.parse import parse_message
 from optout.policy import Rules, decide
+from optout.replies import Rendered, render_reply
 from optout.store import Store
 
 
@@ -20,6 +21,9 @@ class Pipeline:
     lexicon: Lexicon
     unsubscribe_addresses: tuple[str, ...] = ("unsubscribe@*",)
     rules: Rules = Rules()
+    templates: object = None  # a Jinja2 environment; None: no replies are rendered
+    reply_from: str = "privacy@example.com"
+    organisation: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Outcome:
     classification: Classification
     decision: Decision
     request_ids: tuple[int, ...] = ()
+    reply: Rendered | None = None
 
 
 def examine(raw: bytes, pipeline: Pipeline, envelope_sender: str | None = None,
@@ -49,10 +54,18 @@ def process(raw: bytes, source: str, store: Store, pipeline: Pipeline, now: date
     A message whose key is already in the ledger has no effects; the caller acknowledges it all the same.
     """
     message, classification = examine(raw, pipeline, envelope_sender, envelope_recipients)
+    if store.seen(message.key):
+        decision = Decision("duplicate", notes=("already in the ledger",))
+        return Outcome(message.key, source, True, message, classification, decision)
     history = store.history(message.sender, now)
     decision = decide(message, classification, history, now, pipeline.rules)
-    recorded = store.record(message, classification, decision, source, now)
-    return Outcome(message.key, source, recorded.duplicate, message, classification, decision, recorded.request_ids)
+    rendered = None
+    if decision.reply is not None and pipeline.templates is not None:
+        rendered = render_reply(decision.reply, message, pipeline.templates, pipeline.reply_from, now,
+                                pipeline.organisation)
+    recorded = store.record(message, classification, decision, source, now, rendered)
+    return Outcome(message.key, source, recorded.duplicate, message, classification, decision, recorded.request_ids,
+                   None if recorded.duplicate else rendered)
 
 
 class Intake:

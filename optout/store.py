@@ -121,7 +121,25 @@ def _migration_2(db: sqlite_utils.Database) -> None:
         )""")
 
 
-MIGRATIONS = (_migration_1, _migration_2)
+def _migration_3(db: sqlite_utils.Database) -> None:
+    db.execute("ALTER TABLE requests ADD COLUMN reference TEXT")
+    db.execute("CREATE UNIQUE INDEX requests_reference ON requests(reference)")
+    db.execute("ALTER TABLE outbox ADD COLUMN message_id TEXT")
+    db.execute("ALTER TABLE outbox ADD COLUMN raw BLOB")
+    db.execute("CREATE UNIQUE INDEX outbox_message_id ON outbox(message_id)")
+    db.execute("CREATE INDEX outbox_due ON outbox(status, next_attempt_at)")
+    db.execute("""
+        CREATE TABLE outbox_attempts (
+            id INTEGER PRIMARY KEY,
+            outbox_id INTEGER NOT NULL REFERENCES outbox(id) ON DELETE CASCADE,
+            at TEXT NOT NULL,
+            result TEXT NOT NULL,
+            detail TEXT
+        )""")
+    db.execute("CREATE INDEX outbox_attempts_outbox ON outbox_attempts(outbox_id)")
+
+
+MIGRATIONS = (_migration_1, _migration_2, _migration_3)
 
 
 @dataclass(frozen=True)
@@ -199,13 +217,13 @@ class Store:
         open_kinds = {row[0] for row in self.db.execute(
             "SELECT kind FROM requests WHERE address = ? AND status = 'open'", [address])}
         since = _iso(now - timedelta(days=1))
-        replies = self.db.execute("SELECT count(*) FROM outbox WHERE to_address = ? AND created_at >= ?",
-                                  [address, since]).fetchone()[0]
-        return History(frozenset(scopes), frozenset(open_kinds), int(replies))
+        replied = [row[0] for row in self.db.execute(
+            "SELECT kind FROM outbox WHERE to_address = ? AND created_at >= ?", [address, since])]
+        return History(frozenset(scopes), frozenset(open_kinds), len(replied), frozenset(replied))
 
     def record(self, message: Message, classification: Classification, decision: Decision, source: str,
-               now: datetime) -> Recorded:
-        """Record a message and its effects in one transaction; a key already in the ledger changes nothing."""
+               now: datetime, reply=None) -> Recorded:
+        """Record a message, its effects and its rendered reply in one transaction; a known key changes nothing."""
         at = _iso(now)
         key = message.key
         try:
@@ -244,13 +262,21 @@ class Store:
             for effect in decision.requests:
                 cursor = self.db.execute(
                     """INSERT INTO requests (kind, address, display, status, flags, language, message_key,
-                           received_at, due_at) VALUES (?, ?, ?, 'open', ?, ?, ?, ?, ?)""",
+                           received_at, due_at, reference) VALUES (?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)""",
                     [effect.kind.value, effect.address, effect.display, ",".join(effect.flags), effect.language, key,
-                     at, _iso(effect.due_at)])
+                     at, _iso(effect.due_at), effect.reference or None])
                 request_ids.append(int(cursor.lastrowid))
                 self._audit(at, "request.open", effect.address, key,
-                            {"id": cursor.lastrowid, "kind": effect.kind.value, "due_at": _iso(effect.due_at),
-                             "flags": list(effect.flags)})
+                            {"id": cursor.lastrowid, "reference": effect.reference, "kind": effect.kind.value,
+                             "due_at": _iso(effect.due_at), "flags": list(effect.flags)})
+            if reply is not None:
+                self.db.execute(
+                    """INSERT INTO outbox (message_key, to_address, kind, language, subject, body, status, attempts,
+                           created_at, next_attempt_at, message_id, raw)
+                       VALUES (?, ?, ?, ?, ?, '', 'queued', 0, ?, ?, ?, ?)""",
+                    [key, reply.to, reply.template, reply.language, reply.subject, at, at, reply.message_id, reply.raw])
+                self._audit(at, "reply.queued", reply.to, key,
+                            {"template": reply.template, "language": reply.language, "message_id": reply.message_id})
             self.db.execute("COMMIT")
         except sqlite3.OperationalError as error:
             self.db.execute("ROLLBACK")
@@ -269,6 +295,71 @@ class Store:
         digest = hashlib.sha256("\x1f".join((prev, at, event, address_hash or "", key or "", body)).encode()).hexdigest()
         self.db.execute("INSERT INTO audit (at, event, address_hash, message_key, detail, prev_hash, hash) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", [at, event, address_hash, key, body, prev, digest])
+
+    # ------------------------------------------------------------ outbox
+
+    def outbox_due(self, now: datetime, limit: int = 100) -> list[dict]:
+        """Return queued replies whose next attempt is due, oldest first."""
+        cursor = self.db.execute(
+            "SELECT id, to_address, kind, message_id, raw, attempts FROM outbox "
+            "WHERE status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?",
+            [_iso(now), limit])
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor]
+
+    def sent_since(self, since: datetime) -> int:
+        """Count the replies sent since a moment (for the hourly circuit breaker)."""
+        return int(self.db.execute("SELECT count(*) FROM outbox WHERE status = 'sent' AND sent_at >= ?",
+                                   [_iso(since)]).fetchone()[0])
+
+    def outbox_result(self, outbox_id: int, now: datetime, result: str, detail: str = "",
+                      next_attempt_at: datetime | None = None) -> None:
+        """Record one delivery attempt: sent, retry (with the next attempt's time) or failed."""
+        at = _iso(now)
+        status = {"sent": "sent", "retry": "queued", "failed": "failed"}[result]
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(
+                "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
+                "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND status = 'queued'",
+                [status, None if result == "sent" else detail[:500],
+                 _iso(next_attempt_at) if next_attempt_at else None, result, at, outbox_id])
+            self.db.execute("INSERT INTO outbox_attempts (outbox_id, at, result, detail) VALUES (?, ?, ?, ?)",
+                            [outbox_id, at, result, detail[:500]])
+            if result != "retry":
+                row = self.db.execute("SELECT to_address, message_key, message_id FROM outbox WHERE id = ?",
+                                      [outbox_id]).fetchone()
+                if row:
+                    self._audit(at, f"reply.{result}", row[0], row[1], {"message_id": row[2], "detail": detail[:200]})
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def outbox(self, status: str | None = None, limit: int = 1000) -> list[dict]:
+        """Return outbox rows (without their bytes), newest first."""
+        sql = ("SELECT id, to_address, kind, language, subject, status, attempts, created_at, next_attempt_at, "
+               "sent_at, last_error, message_id FROM outbox")
+        params: list = []
+        if status:
+            sql += " WHERE status = ?"
+            params.append(status)
+        cursor = self.db.execute(sql + " ORDER BY id DESC LIMIT ?", params + [limit])
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor]
+
+    def outbox_retry(self, outbox_id: int, now: datetime) -> bool:
+        """Queue a failed or waiting reply again, due now; False when there is no such unsent reply."""
+        changed = self.db.execute(
+            "UPDATE outbox SET status = 'queued', next_attempt_at = ? WHERE id = ? AND status != 'sent'",
+            [_iso(now), outbox_id]).rowcount
+        return bool(changed)
+
+    def outbox_purge(self, before: datetime, statuses: tuple[str, ...] = ("sent",)) -> int:
+        """Delete replies in these statuses created before a moment; return how many."""
+        marks = ",".join("?" for _ in statuses)
+        return self.db.execute(f"DELETE FROM outbox WHERE status IN ({marks}) AND created_at < ?",
+                               [*statuses, _iso(before)]).rowcount
 
     def checkpoint(self, source: str) -> tuple[int, int] | None:
         """Return the (UIDVALIDITY, last UID) a mailbox source has reached, or None."""

@@ -80,13 +80,11 @@ from dovecot import Dovecot, require_dovecot  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def dovecot(tmp_path_factory):
+def dovecot():
     """A private Dovecot on 127.0.0.1 and a free port, for the whole session (fails in CI when absent)."""
     require_dovecot()
-    server = Dovecot(tmp_path_factory.mktemp("dovecot"))
-    server.start()
-    yield server
-    server.stop()
+    with Dovecot.temporary() as server:
+        yield server
 
 
 @pytest.fixture

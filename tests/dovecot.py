@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from imapclient import IMAPClient
 
@@ -183,12 +186,23 @@ protocol imap {{
         """Return a mailbox of a new user: empty until something is appended."""
         return Mailbox(self, user or f"u{uuid.uuid4().hex[:16]}")
 
-    def __enter__(self) -> Dovecot:
-        self.start()
-        return self
+    @classmethod
+    @contextlib.contextmanager
+    def temporary(cls, **options) -> Iterator[Dovecot]:
+        """Run a Dovecot in a new temp folder under /tmp, then stop it and remove the folder.
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        Not under pytest's tmp_path: its parents are mode 700, and the mail user (nobody) must reach the mail.
+        """
+        root = Path(tempfile.mkdtemp(prefix="optout-dovecot-"))
+        server = cls(root, **options)
+        try:
+            server.start()
+            yield server
+        finally:
+            try:
+                server.stop()
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def _group_exists(name: str) -> bool:

@@ -1,0 +1,236 @@
+"""Send queued replies to the relay (smtplib), with retries, backoff and an hourly circuit breaker.
+
+- Delivery is at least once: a reply is marked sent only after the relay accepted it, and keeps its
+  Message-ID on every attempt, so a retry after a crash is recognisable; a reply marked sent is never sent again.
+- 4xx answers and connection errors are retried with exponential backoff; 5xx answers fail the reply.
+- Every attempt is recorded. Past the hourly cap, replies wait in the outbox and a warning is logged:
+  a flood of forged opt-outs must not turn us into a spam cannon.
+- Replies go out with a null envelope sender (RFC 3834 §3.3), so nothing bounces back into a loop.
+- With no relay configured, replies are written to a maildir (var/sent/ by default) for a person to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import mailbox
+import smtplib
+import ssl
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Callable, Protocol
+from urllib.parse import unquote, urlsplit
+
+from optout.errors import ConfigError
+
+log = logging.getLogger("optout.outbox")
+
+
+class DeliveryError(Exception):
+    """A relay's answer: permanent (5xx) or not."""
+
+    def __init__(self, detail: str, permanent: bool) -> None:
+        super().__init__(detail)
+        self.permanent = permanent
+
+
+class Transport(Protocol):
+    """Something that delivers one reply or raises DeliveryError."""
+
+    def send(self, raw: bytes, recipient: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """Where replies are handed over: smtp://host:port, smtps://host:port or smtp+starttls://host:port."""
+
+    host: str
+    port: int
+    security: str = "plain"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 30.0
+
+
+def relay_settings(url: str, username: str | None = None, password: str | None = None) -> RelaySettings:
+    """Parse a relay URL; credentials may be in it or given apart (from the environment or a file)."""
+    parsed = urlsplit(url)
+    security = {"smtp": "plain", "smtps": "tls", "smtp+starttls": "starttls"}.get(parsed.scheme)
+    if security is None or not parsed.hostname:
+        raise ConfigError(f"relay URL must look like smtp://host:25, smtps://host:465 or smtp+starttls://host:587")
+    try:
+        port = parsed.port or {"plain": 25, "tls": 465, "starttls": 587}[security]
+    except ValueError:
+        raise ConfigError("relay URL has a bad port") from None
+    return RelaySettings(parsed.hostname, port, security, username or (unquote(parsed.username) if parsed.username else None),
+                         password or (unquote(parsed.password) if parsed.password else None))
+
+
+class RelayTransport:
+    """Deliver through an SMTP relay, one connection for a whole flush."""
+
+    def __init__(self, settings: RelaySettings) -> None:
+        self.settings = settings
+        self.client: smtplib.SMTP | None = None
+
+    def _connect(self) -> smtplib.SMTP:
+        s = self.settings
+        try:
+            if s.security == "tls":
+                client = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout, context=ssl.create_default_context())
+            else:
+                client = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
+                if s.security == "starttls":
+                    client.starttls(context=ssl.create_default_context())
+            if s.username:
+                client.login(s.username, s.password or "")
+        except smtplib.SMTPAuthenticationError as error:
+            raise DeliveryError(f"relay refused the login: {error.smtp_code}", permanent=False) from None
+        except (OSError, smtplib.SMTPException) as error:
+            raise DeliveryError(f"relay {s.host}:{s.port} unreachable: {error}", permanent=False) from None
+        return client
+
+    def send(self, raw: bytes, recipient: str) -> None:
+        """Hand one reply to the relay with a null envelope sender."""
+        if self.client is None:
+            self.client = self._connect()
+        try:
+            refused = self.client.sendmail("<>", [recipient], raw)
+        except smtplib.SMTPRecipientsRefused as error:
+            code, text = next(iter(error.recipients.values()))
+            raise DeliveryError(f"{code} {_text(text)}", permanent=code >= 500) from None
+        except smtplib.SMTPResponseException as error:
+            self.close()
+            raise DeliveryError(f"{error.smtp_code} {_text(error.smtp_error)}", permanent=error.smtp_code >= 500) from None
+        except (OSError, smtplib.SMTPException) as error:
+            self.close()  # dropped mid-transaction: the next attempt starts a new connection
+            raise DeliveryError(f"connection lost: {error}", permanent=False) from None
+        if refused:
+            code, text = next(iter(refused.values()))
+            raise DeliveryError(f"{code} {_text(text)}", permanent=code >= 500)
+
+    def close(self) -> None:
+        """Say QUIT, quietly."""
+        if self.client is not None:
+            try:
+                self.client.quit()
+            except (OSError, smtplib.SMTPException):
+                pass
+            self.client = None
+
+
+class MaildirTransport:
+    """Write replies to a maildir instead of sending them (the embedded default: read what would be sent)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def send(self, raw: bytes, recipient: str) -> None:
+        """Add the reply to the maildir."""
+        try:
+            box = mailbox.Maildir(str(self.path), factory=None, create=True)
+            box.add(raw)
+        except OSError as error:
+            raise DeliveryError(f"cannot write to {self.path}: {error.strerror or error}", permanent=False) from None
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+@dataclass
+class FlushSummary:
+    """What one pass over the outbox did."""
+
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    held: int = 0
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return " ".join(str(value).split())[:300]
+
+
+def backoff(attempts: int, base: float = 60.0, ceiling: float = 6 * 3600.0) -> timedelta:
+    """Return the wait before attempt number attempts+1: base, 2×base, 4×base … up to the ceiling."""
+    return timedelta(seconds=min(ceiling, base * (2 ** max(0, attempts))))
+
+
+def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap: int = 100,
+          max_attempts: int = 12, base_delay: float = 60.0, signer: Callable[[bytes], bytes] | None = None) -> FlushSummary:
+    """Deliver every due reply once; reschedule or fail the ones the relay does not take.
+
+    `store` is the Store (or a proxy that runs its methods on the writer thread).
+    """
+    summary = FlushSummary()
+    try:
+        while True:
+            now = clock()
+            due = store.outbox_due(now, limit=100)
+            if not due:
+                break
+            room = hourly_cap - store.sent_since(now - timedelta(hours=1))
+            if room <= 0:
+                summary.held += len(due)
+                log.warning("reply circuit breaker: %d replies sent in the last hour (cap %d); %d replies wait",
+                            hourly_cap - room, hourly_cap, len(due))
+                break
+            for row in due[:room]:
+                raw = bytes(row["raw"])
+                if signer is not None:
+                    raw = signer(raw)
+                try:
+                    transport.send(raw, row["to_address"])
+                except DeliveryError as error:
+                    attempts = row["attempts"] + 1
+                    if error.permanent or attempts >= max_attempts:
+                        store.outbox_result(row["id"], clock(), "failed", str(error))
+                        summary.failed += 1
+                        log.warning("reply %s to %s failed: %s", row["id"], _mask(row["to_address"]), error)
+                    else:
+                        store.outbox_result(row["id"], clock(), "retry", str(error),
+                                            clock() + backoff(row["attempts"], base_delay))
+                        summary.retried += 1
+                        log.info("reply %s deferred (attempt %d): %s", row["id"], attempts, error)
+                    continue
+                store.outbox_result(row["id"], clock(), "sent", "accepted")
+                summary.sent += 1
+                log.info("reply %s sent (%s)", row["id"], row["kind"])
+            if len(due) > room:
+                summary.held += len(due) - room
+                log.warning("reply circuit breaker: hourly cap %d reached; %d replies wait", hourly_cap,
+                            len(due) - room)
+                break
+            if summary.retried or summary.failed:
+                # What was rescheduled is not due again in this pass; stop when only those remain.
+                if not store.outbox_due(clock(), limit=1):
+                    break
+    finally:
+        transport.close()
+    return summary
+
+
+def _mask(address: str) -> str:
+    local, _, domain = address.partition("@")
+    return f"{local[:1]}***@{domain}"
+
+
+def dkim_signer(selector: str, domain: str, key_path: str | Path) -> Callable[[bytes], bytes]:
+    """Return a function that DKIM-signs a reply (dkimpy) with the private key in key_path."""
+    import dkim
+
+    try:
+        key = Path(key_path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"DKIM key {key_path}: {error.strerror or error}") from None
+    headers = [b"from", b"to", b"subject", b"date", b"message-id", b"in-reply-to", b"references", b"auto-submitted"]
+
+    def sign(raw: bytes) -> bytes:
+        signature = dkim.sign(raw, selector.encode(), domain.encode(), key, include_headers=headers)
+        return signature + raw
+
+    return sign

@@ -1,0 +1,126 @@
+"""Render a Reply effect into a mail from a Jinja2 template: text and optional HTML, in the requester's language. Pure."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, formataddr
+from pathlib import Path
+
+import jinja2
+
+from optout.model import Message, Reply
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "templates"
+FALLBACK_LANGUAGE = "en"
+# CR, LF and every other control character: stripped before anything reaches a header (no injection).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A reply ready for the outbox: its envelope, headers that matter, and the bytes to send."""
+
+    to: str
+    subject: str
+    message_id: str
+    language: str
+    template: str
+    raw: bytes
+
+
+def template_environment(override: Path | None = None) -> jinja2.Environment:
+    """Return the Jinja2 environment: templates from `override` first, then the shipped ones.
+
+    HTML templates are autoescaped; text templates are not (they are sent as text/plain).
+    """
+    loaders = [jinja2.FileSystemLoader(str(override))] if override else []
+    loaders.append(jinja2.FileSystemLoader(str(SHIPPED)))
+    return jinja2.Environment(loader=jinja2.ChoiceLoader(loaders), autoescape=jinja2.select_autoescape(["html"]),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
+                              lstrip_blocks=True)
+
+
+def header_safe(text: str | None, limit: int = 200) -> str:
+    """Return text fit for a header: control characters (CR and LF included) replaced by a space, trimmed."""
+    return " ".join(_CONTROL.sub(" ", text or "").split())[:limit]
+
+
+def _pick(env: jinja2.Environment, name: str, language: str, suffix: str) -> jinja2.Template | None:
+    for candidate in (language, FALLBACK_LANGUAGE):
+        try:
+            return env.get_template(f"{name}.{candidate}.{suffix}")
+        except jinja2.TemplateNotFound:
+            continue
+    return None
+
+
+def _block(template: jinja2.Template, block: str, context: dict) -> str:
+    render = template.blocks.get(block)
+    if render is None:
+        return ""
+    return "".join(render(template.new_context(context))).strip()
+
+
+def message_id_for(key: str, template: str, domain: str) -> str:
+    """Return the stable Message-ID of the reply to a message: the same however often it is rendered or sent."""
+    digest = hashlib.sha256(f"{template}\x1f{key}".encode()).hexdigest()[:24]
+    return f"<optout.{digest}@{domain}>"
+
+
+def render_reply(reply: Reply, original: Message, env: jinja2.Environment, sender: str, now: datetime,
+                 organisation: str = "") -> Rendered:
+    """Render a reply: From our privacy address, To the requester, "Re:" the subject, threaded, auto-replied.
+
+    - The requester's own words are never copied (no backscatter): only their name and subject line.
+    - Auto-Submitted: auto-replied (RFC 3834) and X-Auto-Response-Suppress keep responders from answering it.
+    - Language: the reply's language when a template exists for it, else English.
+    """
+    text_template = _pick(env, reply.template, reply.language, "txt")
+    if text_template is None:
+        raise jinja2.TemplateNotFound(f"{reply.template}.{FALLBACK_LANGUAGE}.txt")
+    language = reply.language if text_template.name.split(".")[-2] == reply.language else FALLBACK_LANGUAGE
+    html_template = _pick(env, reply.template, language, "html")
+    display_name = header_safe(reply.display.split("<")[0].strip().strip('"'), 80) if "<" in reply.display else ""
+    context = {
+        "name": display_name,
+        "address": reply.to,
+        "scopes": list(reply.scopes),
+        "reference": reply.reference,
+        "due_date": reply.due_at.date().isoformat() if reply.due_at else "",
+        "child": "child" in reply.flags,
+        "privacy_address": sender,
+        "organisation": organisation,
+        "original_subject": header_safe(original.subject),
+        "language": language,
+    }
+    original_subject = header_safe(original.subject)
+    if original_subject:
+        subject = original_subject if original_subject.lower().startswith("re:") else f"Re: {original_subject}"
+    else:
+        subject = header_safe(_block(text_template, "subject", context))
+    body = _block(text_template, "body", context) + "\n"
+    domain = sender.rpartition("@")[2] or "localhost"
+    message_id = message_id_for(original.key, reply.template, domain)
+    # Lines up to RFC 5322's 998: message ids are never folded into encoded words.
+    mail = EmailMessage(policy=SMTP.clone(max_line_length=998))
+    mail["From"] = formataddr((header_safe(organisation, 80), sender)) if organisation else sender
+    mail["To"] = formataddr((display_name, reply.to)) if display_name else reply.to
+    mail["Subject"] = header_safe(subject, 250)
+    mail["Date"] = format_datetime(now)
+    mail["Message-ID"] = message_id
+    if original.message_id:
+        mail["In-Reply-To"] = original.message_id
+        references = [r for r in original.references if r != original.message_id][-10:] + [original.message_id]
+        mail["References"] = " ".join(references)
+    mail["Auto-Submitted"] = "auto-replied"
+    mail["X-Auto-Response-Suppress"] = "All"
+    mail.set_content(body)
+    if html_template is not None:
+        mail.add_alternative(_block(html_template, "body", context), subtype="html")
+    mail["Content-Language"] = language
+    return Rendered(reply.to, str(mail["Subject"]), message_id, language, reply.template, mail.as_bytes())
