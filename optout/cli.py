@@ -436,6 +436,8 @@ def _configure_logging(quiet: bool = False) -> None:
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiosmtpd logs every SMTP command at INFO: too much for a log with one line per message.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def main() -> None:

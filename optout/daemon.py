@@ -137,6 +137,18 @@ class ThreadedSink:
         return self.writer.submit(self.intake.set_checkpoint, source, uidvalidity, last_uid).result()
 
 
+class WriterProxy:
+    """Run a store's methods on the writer thread: what the outbox worker talks to."""
+
+    def __init__(self, writer: ThreadPoolExecutor, store: Store) -> None:
+        self.writer = writer
+        self.store = store
+
+    def __getattr__(self, name: str):
+        method = getattr(self.store, name)
+        return lambda *args, **kwargs: self.writer.submit(method, *args, **kwargs).result()
+
+
 class Daemon:
     """SMTP endpoint + IMAP watcher + writer, started and stopped together."""
 
@@ -150,6 +162,9 @@ class Daemon:
         self.imap_thread: threading.Thread | None = None
         self.in_flight = 0
         self.address: tuple[str, int] | None = None
+        self.outbox_wake = threading.Event()
+        self.outbox_thread: threading.Thread | None = None
+        self.outbox_interval = 15.0
 
     def _open(self) -> Intake:
         return Intake(Store(self.settings.database), self.pipeline, self.clock)
@@ -166,6 +181,8 @@ class Daemon:
             finally:
                 self.in_flight -= 1
             log_outcome(outcome)
+            if outcome.reply is not None:
+                self.outbox_wake.set()
             return outcome
 
         s = self.settings
@@ -179,13 +196,34 @@ class Daemon:
             raise StoreError(f"cannot listen on {s.smtp_listen}: {error.strerror or error}") from None
         self.address = self.server.sockets[0].getsockname()[:2]
         log.info("%s endpoint listening on %s:%s", "LMTP" if s.smtp_lmtp else "SMTP", *self.address)
+        self.outbox_thread = threading.Thread(target=self._outbox_loop, name="optout-outbox", daemon=True)
+        self.outbox_thread.start()
         imap = settings_for_imap(s)
         if imap is not None:
-            source = ImapSource(imap, ThreadedSink(self.writer, self.intake), self.stopping, on_outcome=log_outcome)
+            def on_imap_outcome(outcome: Outcome) -> None:
+                log_outcome(outcome)
+                if outcome.reply is not None:
+                    self.outbox_wake.set()
+
+            source = ImapSource(imap, ThreadedSink(self.writer, self.intake), self.stopping, on_outcome=on_imap_outcome)
             self.imap_thread = threading.Thread(target=source.watch, name="optout-imap", daemon=True)
             self.imap_thread.start()
         else:
             log.info("no IMAP mailbox configured: SMTP only")
+
+    def _outbox_loop(self) -> None:
+        """Deliver due replies now and then, and whenever one was queued; until stopped."""
+        from datetime import datetime, timezone
+
+        clock = self.clock or (lambda: datetime.now(timezone.utc))
+        proxy = WriterProxy(self.writer, self.intake.store)
+        while not self.stopping.is_set():
+            self.outbox_wake.clear()
+            try:
+                flush_outbox(self.settings, proxy, clock)
+            except Exception as error:  # the outbox must never take the daemon down; it retries next round
+                log.warning("outbox: %s: %s", type(error).__name__, str(error)[:200])
+            self.outbox_wake.wait(self.outbox_interval)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop listening, let messages in flight commit, stop the IMAP watcher, close the store."""
@@ -196,8 +234,10 @@ class Daemon:
         deadline = loop.time() + grace
         while self.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if self.imap_thread is not None:
-            await loop.run_in_executor(None, self.imap_thread.join, grace)
+        self.outbox_wake.set()
+        for thread in (self.imap_thread, self.outbox_thread):
+            if thread is not None:
+                await loop.run_in_executor(None, thread.join, grace)
         await loop.run_in_executor(self.writer, self.intake.store.close)
         self.writer.shutdown(wait=True)
         log.info("stopped")
