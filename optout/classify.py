@@ -102,7 +102,8 @@ def read_person(message: Message, lexicon: Lexicon) -> Reading:
         matches.setdefault(m.phrase.category, []).append(m)
     words = [t for t in tokens[offset:] if t not in SENTINELS] or [t for t in subject_tokens if t not in SENTINELS]
     language = guess_language(words[:400], lexicon.stopwords, lexicon.scripts)
-    return Reading(tokens, len(subject_tokens), matches, language, "?" in body or "？" in body, replied)
+    asks = "?" in body or "？" in body or any(m.start > len(subject_tokens) for m in matches.get("other.question", ()))
+    return Reading(tokens, len(subject_tokens), matches, language, asks, replied)
 
 
 def _cut_at_name(body: str, display: str | None) -> str:
@@ -119,12 +120,21 @@ def _cut_at_name(body: str, display: str | None) -> str:
     return body
 
 
-def _window_before(tokens: list[str], start: int, reach: int, contrast: frozenset[str]) -> list[str]:
+def _ends_contrast(tokens: list[str], j: int, contrast: frozenset[tuple[str, ...]]) -> bool:
+    # A contrast word ("but", "sondern", 但是) may be several tokens: CJK words are a token per character.
+    return any(tuple(tokens[j - len(words) + 1:j + 1]) == words for words in contrast if len(words) <= j + 1)
+
+
+def _starts_contrast(tokens: list[str], j: int, contrast: frozenset[tuple[str, ...]]) -> bool:
+    return any(tuple(tokens[j:j + len(words)]) == words for words in contrast)
+
+
+def _window_before(tokens: list[str], start: int, reach: int, contrast: frozenset[tuple[str, ...]]) -> list[str]:
     window: list[str] = []
     j = start - 1
     while j >= 0 and len(window) < reach:
         token = tokens[j]
-        if token == STOP or token == COMMA or token in contrast:
+        if token == STOP or token == COMMA or _ends_contrast(tokens, j, contrast):
             break
         if token != NEWLINE:
             window.append(token)
@@ -133,12 +143,12 @@ def _window_before(tokens: list[str], start: int, reach: int, contrast: frozense
     return window
 
 
-def _window_after(tokens: list[str], end: int, reach: int, contrast: frozenset[str]) -> list[str]:
+def _window_after(tokens: list[str], end: int, reach: int, contrast: frozenset[tuple[str, ...]]) -> list[str]:
     window: list[str] = []
     j = end
     while j < len(tokens) and len(window) < reach:
         token = tokens[j]
-        if token == STOP or token == COMMA or token in contrast:
+        if token == STOP or token == COMMA or _starts_contrast(tokens, j, contrast):
             break
         if token != NEWLINE:
             window.append(token)
@@ -151,16 +161,23 @@ def _contains(window: list[str], phrase: tuple[str, ...]) -> bool:
     return any(tuple(window[i:i + size]) == phrase for i in range(len(window) - size + 1))
 
 
-def is_negated(tokens: list[str], match: Match, lexicon: Lexicon) -> bool:
-    """Say whether a negation stands just before (or, in Japanese, just after) a matched phrase."""
+def is_negated(tokens: list[str], match: Match, lexicon: Lexicon, language: str | None = None) -> bool:
+    """Say whether a negation stands just before (or, in Japanese, just after) a matched phrase.
+
+    The negation words are those of the phrase's own language and of the message's language.
+    """
+    languages = {match.phrase.language, language} - {None}
+    before_words = [lexicon.negation_before.get(lang, frozenset()) for lang in languages]
+    after_words = [lexicon.negation_after.get(lang, frozenset()) for lang in languages]
+    contrast = frozenset().union(*(lexicon.contrast.get(lang, frozenset()) for lang in languages))
     cjk = is_cjk(tokens[match.start][:1])
     reach = CJK_NEGATION_REACH if cjk else NEGATION_REACH
-    before = _window_before(tokens, match.start, reach, lexicon.contrast)
-    if any(_contains(before, negation) for negation in lexicon.negation_before):
+    before = _window_before(tokens, match.start, reach, contrast)
+    if any(_contains(before, negation) for words in before_words for negation in words):
         return True
-    if lexicon.negation_after:
-        after = _window_after(tokens, match.end, reach, lexicon.contrast)
-        return any(_contains(after, negation) for negation in lexicon.negation_after)
+    if any(after_words):
+        after = _window_after(tokens, match.end, reach, contrast)
+        return any(_contains(after, negation) for words in after_words for negation in words)
     return False
 
 
@@ -306,11 +323,12 @@ def classify(message: Message, lexicon: Lexicon, unsubscribe_addresses: tuple[st
     positive: dict[str, list[Match]] = {}
     negated: list[Match] = []
     subject_end = reading.subject_end
-    intents = [m for category, ms in reading.matches.items() if category in INTENT_CATEGORIES for m in ms]
+    intents = [m for category, ms in reading.matches.items()
+               if category in INTENT_CATEGORIES and category != "other.question" for m in ms]
     for match in sorted(intents, key=lambda m: m.start):
         if reading.subject_replied and match.start < subject_end:
             continue  # a "Re:" subject is the subject of our own mail, not the person's words
-        if is_negated(tokens, match, lexicon):
+        if is_negated(tokens, match, lexicon, reading.language):
             negated.append(match)
         else:
             positive.setdefault(match.phrase.category, []).append(match)

@@ -21,7 +21,8 @@ from optout.classify import is_unsubscribe_address
 from optout.config import Settings, parse_listen
 from optout.errors import LockedError, StoreError
 from optout.model import normalise_address
-from optout.outbox import FlushSummary, MaildirTransport, RelayTransport, dkim_signer, flush, relay_settings
+from optout.outbox import FlushSummary, MaildirTransport, RelayTransport, flush, relay_settings
+from optout.signing import dkim_signer
 from optout.policy import Rules
 from optout.process import Intake, Outcome, Pipeline
 from optout.sources.imap import ImapSettings, ImapSource, imap_settings

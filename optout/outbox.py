@@ -218,19 +218,3 @@ def _mask(address: str) -> str:
     local, _, domain = address.partition("@")
     return f"{local[:1]}***@{domain}"
 
-
-def dkim_signer(selector: str, domain: str, key_path: str | Path) -> Callable[[bytes], bytes]:
-    """Return a function that DKIM-signs a reply (dkimpy) with the private key in key_path."""
-    import dkim
-
-    try:
-        key = Path(key_path).read_bytes()
-    except OSError as error:
-        raise ConfigError(f"DKIM key {key_path}: {error.strerror or error}") from None
-    headers = [b"from", b"to", b"subject", b"date", b"message-id", b"in-reply-to", b"references", b"auto-submitted"]
-
-    def sign(raw: bytes) -> bytes:
-        signature = dkim.sign(raw, selector.encode(), domain.encode(), key, include_headers=headers)
-        return signature + raw
-
-    return sign

@@ -131,3 +131,61 @@ def query(database: Path, sql: str, params: tuple = ()) -> list[tuple]:
         return connection.execute(sql, params).fetchall()
     finally:
         connection.close()
+
+
+class LoopThread:
+    """An asyncio loop in a background thread, so a test can talk to a server with blocking clients."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout: float = 30):
+        """Run a coroutine on the loop and return its result."""
+        return self.asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Cancel what is left on the loop, stop it and close it."""
+
+        async def cancel_the_rest():
+            tasks = [t for t in self.asyncio.all_tasks() if t is not self.asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await self.asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_the_rest())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def smtp_daemon(tmp_path, lexicon):
+    """Start optout's Daemon (SMTP only, port 0) on a loop thread: `smtp_daemon(**settings)` -> (daemon, port, db)."""
+    from types import SimpleNamespace
+
+    from optout.config import Settings
+    from optout.daemon import Daemon
+    from optout.process import Pipeline
+
+    started: list = []
+    loop = LoopThread()
+
+    def start(**overrides):
+        settings = Settings(**{"database": str(tmp_path / "optout.db"), "smtp_listen": "127.0.0.1:0", **overrides})
+        daemon = Daemon(settings, Pipeline(lexicon, settings.unsubscribe_addresses))
+        loop.run(daemon.start())
+        started.append(daemon)
+        return SimpleNamespace(daemon=daemon, port=daemon.address[1], database=Path(settings.database), loop=loop)
+
+    yield start
+    try:
+        for daemon in started:
+            loop.run(daemon.stop(grace=5))
+    finally:
+        loop.close()

@@ -260,8 +260,10 @@ class Mailbox:
         if client is None:
             with self.client() as opened:
                 return self.counts(opened)
+        # "Processed" itself only holds the kinds' folders: \Noselect (maildir makes it implicitly).
         return {name: int(client.folder_status(name, ["MESSAGES"])[b"MESSAGES"])
-                for _, _, name in client.list_folders()}
+                for flags, _, name in client.list_folders()
+                if not {flag.lower() for flag in flags} & {b"\\noselect", b"\\nonexistent"}}
 
     def messages(self, folder: str, client: IMAPClient | None = None) -> list[tuple[bytes, tuple[bytes, ...]]]:
         """Return (raw bytes, flags) of every message in a folder, read without setting \\Seen."""

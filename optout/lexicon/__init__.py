@@ -25,7 +25,7 @@ INTENT_CATEGORIES = (
     "opt-out.all", "opt-out.newsletters", "opt-out.partners",
     "access.access", "access.rectification",
     "deletion.erasure", "deletion.child",
-    "other.subscribe",
+    "other.subscribe", "other.question",
 )
 WHOLE_CATEGORIES = ("opt-out.whole-all", "opt-out.whole-newsletters", "other.whole-subscribe")
 _TOP_KEYS = {"language", "name", "script", "stopwords", "filler", "negation", "opt-out", "access", "deletion",
@@ -35,7 +35,7 @@ _SECTION_KEYS = {
     "opt-out": {"all", "newsletters", "partners", "whole-all", "whole-newsletters"},
     "access": {"access", "rectification"},
     "deletion": {"erasure", "child"},
-    "other": {"subscribe", "whole-subscribe"},
+    "other": {"subscribe", "whole-subscribe", "question"},
     "machine": {"auto-reply", "bounce"},
     "text": {"attribution", "outlook-from", "outlook-sent", "footer", "signature"},
 }
@@ -238,9 +238,9 @@ class Lexicon:
     phrases: PhraseIndex
     whole: dict[tuple[str, ...], str]
     filler: frozenset[tuple[str, ...]]
-    negation_before: frozenset[tuple[str, ...]]
-    negation_after: frozenset[tuple[str, ...]]
-    contrast: frozenset[str]
+    negation_before: dict[str, frozenset[tuple[str, ...]]]
+    negation_after: dict[str, frozenset[tuple[str, ...]]]
+    contrast: dict[str, frozenset[tuple[str, ...]]]
     markers: Markers
     phrase_count: int = field(default=0)
 
@@ -251,6 +251,7 @@ _PIECE = re.compile(r"\.\.\.\d*|[()|]|(?:(?!\.\.\.)[^\s()|])+")
 def _parse(text: str, where: str) -> tuple[Step, ...]:
     pieces = _PIECE.findall(fold(text))
     position = 0
+    cjk = any(is_cjk(char) for char in text)
 
     def sequence(depth: int) -> list[Step]:
         nonlocal position
@@ -273,7 +274,7 @@ def _parse(text: str, where: str) -> tuple[Step, ...]:
                 return steps
             else:
                 position += 1
-                steps.extend(_piece_steps(piece, steps, where))
+                steps.extend(_piece_steps(piece, cjk, where))
         return steps
 
     steps = tuple(sequence(0))
@@ -284,14 +285,14 @@ def _parse(text: str, where: str) -> tuple[Step, ...]:
     return steps
 
 
-def _piece_steps(piece: str, before: list[Step], where: str) -> list[Step]:
+def _piece_steps(piece: str, cjk: bool, where: str) -> list[Step]:
     if piece.startswith("..."):
         size = piece[3:]
         if size and not size.isdigit():
             raise LexiconError(f"{where}: bad gap {piece!r} (use ... or ...N)")
-        last = before[-1] if before else None
-        cjk = last is not None and last[0] != GAP and last[0] != ALT and is_cjk(str(last[1])[:1])
         return [(GAP, int(size) if size else (CJK_GAP if cjk else WORD_GAP))]
+    if re.search(r"[?+\[\]{}\\^$]", piece):
+        raise LexiconError(f"{where}: {piece!r} looks like a regular expression; phrases use (a|b|) and ...")
     if "*" in piece:
         core = piece.strip("*")
         if not core or "*" in core or not re.fullmatch(r"[^\W_]+", core):
@@ -388,9 +389,9 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
     signatures: list[Phrase] = []
     whole: dict[tuple[str, ...], str] = {}
     filler: set[tuple[str, ...]] = set()
-    negation_before: set[tuple[str, ...]] = set()
-    negation_after: set[tuple[str, ...]] = set()
-    contrast: set[str] = set()
+    negation_before: dict[str, frozenset[tuple[str, ...]]] = {}
+    negation_after: dict[str, frozenset[tuple[str, ...]]] = {}
+    contrast: dict[str, frozenset[tuple[str, ...]]] = {}
     attributions: list[str] = []
     outlook_from: set[str] = set()
     outlook_sent: set[str] = set()
@@ -403,9 +404,10 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
         stopwords[language] = frozenset(fold(word) for word in table.get("stopwords", []))
         filler |= _token_tuples(table.get("filler", []), f"{path.name} filler")
         negation = table.get("negation", {})
-        negation_before |= _token_tuples(negation.get("before", []), f"{path.name} [negation] before")
-        negation_after |= _token_tuples(negation.get("after", []), f"{path.name} [negation] after")
-        contrast |= {fold(word) for word in negation.get("contrast", [])}
+        # Negation is per language: Swedish "ni" is "you", not French "ni"; Danish "sin" is not Spanish "sin".
+        negation_before[language] = frozenset(_token_tuples(negation.get("before", []), f"{path.name} [negation] before"))
+        negation_after[language] = frozenset(_token_tuples(negation.get("after", []), f"{path.name} [negation] after"))
+        contrast[language] = frozenset(_token_tuples(negation.get("contrast", []), f"{path.name} [negation] contrast"))
         for category in INTENT_CATEGORIES:
             section, key = category.split(".")
             entries = table.get(section, {}).get(key, [])
@@ -441,9 +443,9 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
         phrases=PhraseIndex.build(intents + auto_replies + bounces + footers + signatures),
         whole=whole,
         filler=frozenset(filler),
-        negation_before=frozenset(negation_before),
-        negation_after=frozenset(negation_after),
-        contrast=frozenset(contrast),
+        negation_before=negation_before,
+        negation_after=negation_after,
+        contrast=contrast,
         markers=markers,
         phrase_count=count,
     )
