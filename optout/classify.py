@@ -10,6 +10,8 @@ from optout.text import (COMMA, fold, NEWLINE, SENTINELS, STOP, is_cjk, strip_qu
                          strip_signature, tokenise, tokenise_lines, guess_language)
 
 MAX_TOKENS = 6_000
+# A person's words come first: past this many characters a body is quoted mail, logs or attachments.
+MAX_BODY_CHARS = 30_000
 MACHINE_WINDOW = 80
 BOUNCE_WINDOW = 400
 DAEMON_LOCAL_PARTS = frozenset({"mailer-daemon", "postmaster", "mail-daemon", "maildaemon", "mailerdaemon",
@@ -76,7 +78,7 @@ def read_person(message: Message, lexicon: Lexicon) -> Reading:
     body = _cut_at_name(strip_signature(strip_quoted(message.text, lexicon.markers)), message.sender_display)
     subject, replied = strip_reply_prefix(message.subject)
     subject_tokens = tokenise(subject)
-    body_tokens, body_lines = tokenise_lines(body)
+    body_tokens, body_lines = tokenise_lines(body[:MAX_BODY_CHARS])
     del body_tokens[MAX_TOKENS:], body_lines[MAX_TOKENS:]
     tokens = subject_tokens + [STOP] + body_tokens
     offset = len(subject_tokens) + 1
@@ -291,7 +293,7 @@ def _whole(tokens: list[str], lexicon: Lexicon) -> str | None:
     changed = True
     while changed and trimmed:
         changed = False
-        for filler in sorted(lexicon.filler, key=len, reverse=True):
+        for filler in lexicon.filler:
             size = len(filler)
             if tuple(trimmed[:size]) == filler:
                 trimmed = trimmed[size:]

@@ -11,7 +11,7 @@ _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
 _TOKEN = re.compile(
     rf"(?P<cjk>[{_CJK}])"
     rf"|(?P<word>[^\W_{_CJK}]+)"
-    r"|(?P<stop>[.!?;]+(?=\s|$)(?![ \t]*\d)|[。！？；]+|\n[ \t]*\n)"
+    r"|(?P<stop>(?<!\d)\.+(?=\s|$)(?![ \t]*\d)|[!?;]+(?=\s|$)|[。！？；]+|\n[ \t]*\n)"
     r"|(?P<comma>[,:、，：()\u2013\u2014\u2022|]|\s-\s)"
     r"|(?P<newline>\n)"
 )
@@ -46,6 +46,8 @@ def is_cjk(char: str) -> bool:
 
 def fold(text: str) -> str:
     """Return text case-folded, with accents and typographic apostrophes removed, for matching."""
+    if text.isascii():
+        return text.replace("`", "'").lower()
     text = unicodedata.normalize("NFKC", text.translate(_QUOTES)).casefold()
     if text.isascii():
         return text
@@ -56,7 +58,7 @@ def tokenise(text: str) -> list[str]:
     """Split folded text into word tokens, one token per CJK character, and sentinels.
 
     Sentinels: "." ends a sentence (., !, ?, ; before a space, or a blank line), "," a clause,
-    "\\n" a line. A full stop before a digit ("Art. 15") ends nothing.
+    "\\n" a line. A full stop before a digit ("Art. 15") or after one ("15. GDPR", "am 3. November") ends nothing.
     """
     return tokenise_lines(text)[0]
 
@@ -187,10 +189,11 @@ def strip_signature(text: str) -> str:
     return text
 
 
-def guess_language(tokens: list[str], stopwords: dict[str, frozenset[str]], scripts: dict[str, str]) -> str | None:
+def guess_language(tokens: list[str], owners: dict[str, tuple[str, ...]], scripts: dict[str, str]) -> str | None:
     """Guess the language of tokens from stopword hits; the script alone decides Greek, Japanese and Chinese.
 
-    Japanese is told from Chinese by kana: Chinese text has none.
+    `owners` maps each stopword to the languages it belongs to. Japanese is told from Chinese by kana:
+    Chinese text has none.
     """
     kana = han = greek = 0
     counts: dict[str, int] = {}
@@ -203,9 +206,8 @@ def guess_language(tokens: list[str], stopwords: dict[str, frozenset[str]], scri
         elif "\u0370" <= first <= "\u03ff":
             greek += 1
         else:
-            for language, words_ in stopwords.items():
-                if token in words_:
-                    counts[language] = counts.get(language, 0) + 1
+            for language in owners.get(token, ()):
+                counts[language] = counts.get(language, 0) + 1
     if kana and "ja" in scripts:
         return "ja"
     if han and "zh" in scripts:

@@ -55,8 +55,10 @@ def test_tokenise_does_not_end_a_sentence_at_an_article_number(text):
     assert "15" in tokenise(text) or "17" in tokenise(text)
 
 
-def test_tokenise_ends_a_sentence_after_the_article_number():
-    assert tokenise("under Art. 15. Thanks") == ["under", "art", "15", STOP, "thanks"]
+def test_tokenise_reads_a_full_stop_after_a_number_as_an_ordinal():
+    # German and Slavic ordinals: "článku 15. GDPR", "am 3. November" are one sentence each.
+    assert tokenise("clanku 15. GDPR") == ["clanku", "15", "gdpr"]
+    assert tokenise("am 3. November. Danke") == ["am", "3", "november", STOP, "danke"]
 
 
 def test_tokenise_does_not_repeat_sentence_ends():

@@ -41,8 +41,11 @@ _SECTION_KEYS = {
 }
 _MAX_EXPANSIONS = 4096
 
-EQ, PREFIX, SUFFIX, INFIX, GAP, ALT = range(6)
-Step = tuple  # (EQ|PREFIX|SUFFIX|INFIX, text) | (GAP, size) | (ALT, (steps, steps, ...))
+EQ, PREFIX, SUFFIX, INFIX, GAP, ALT, ONE_OF, MAYBE_ONE_OF = range(8)
+# (EQ|PREFIX|SUFFIX|INFIX, text) | (GAP, size) | (ALT, (steps, steps, ...)) | (ONE_OF|MAYBE_ONE_OF, frozenset)
+# ONE_OF is a group of single words ("(delete|erase)"), MAYBE_ONE_OF the same with an empty alternative:
+# both are tested with one set lookup instead of trying each alternative.
+Step = tuple
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,23 @@ class Phrase:
     steps: tuple[Step, ...]
     required: frozenset[str] = frozenset()
     one_of: tuple[frozenset[str], ...] = ()
+    second: frozenset[str] | None = None
 
     def may_match(self, present: set[str]) -> bool:
         """Say whether the words of a text leave this phrase any chance (a cheap test before matching)."""
         return self.required.issubset(present) and all(not group.isdisjoint(present) for group in self.one_of)
+
+
+def _second(steps: tuple[Step, ...]) -> frozenset[str] | None:
+    """Return the words that must follow the first word of every match, when that is known."""
+    if len(steps) < 2 or steps[0][0] not in (EQ, ONE_OF):
+        return None
+    kind, value = steps[1]
+    if kind == EQ:
+        return frozenset((value,))
+    if kind == ONE_OF:
+        return value
+    return None
 
 
 def _prefilter(steps: tuple[Step, ...]) -> tuple[frozenset[str], tuple[frozenset[str], ...]]:
@@ -68,6 +84,8 @@ def _prefilter(steps: tuple[Step, ...]) -> tuple[frozenset[str], tuple[frozenset
     for kind, value in steps:
         if kind == EQ:
             required.add(value)
+        elif kind == ONE_OF:
+            one_of.append(value)
         elif kind == ALT:
             firsts: set[str] = set()
             for alternative in value:
@@ -114,6 +132,16 @@ def _match_from(steps: tuple, k: int, tokens: list[str], j: int, n: int, then=No
                 if end is not None:
                     return end
             return None
+        if kind == MAYBE_ONE_OF:
+            probe = j
+            while probe < n and tokens[probe] == NEWLINE:
+                probe += 1
+            if probe < n and tokens[probe] in value:
+                end = _match_from(steps, k + 1, tokens, probe + 1, n, then)
+                if end is not None:
+                    return end
+            k += 1
+            continue
         if kind == GAP:
             skipped = 0
             while True:
@@ -137,6 +165,9 @@ def _match_from(steps: tuple, k: int, tokens: list[str], j: int, n: int, then=No
         if kind == EQ:
             if token != value:
                 return None
+        elif kind == ONE_OF:
+            if token not in value:
+                return None
         elif kind == PREFIX:
             if not token.startswith(value):
                 return None
@@ -154,6 +185,10 @@ def _first_steps(steps: tuple, k: int = 0) -> list[Step] | None:
     if k == len(steps):
         return None
     kind, value = steps[k]
+    if kind == ONE_OF:
+        return [(EQ, word) for word in value]
+    if kind == MAYBE_ONE_OF:
+        return [(EQ, word) for word in value] + (_first_steps(steps, k + 1) or [])
     if kind != ALT:
         return [steps[k]]
     firsts: list[Step] = []
@@ -195,36 +230,50 @@ class PhraseIndex:
         frozen = {kind: {k: tuple(v.values()) for k, v in table.items()} for kind, table in tables.items()}
         return cls(frozen[EQ], frozen[PREFIX], frozen[SUFFIX], tuple(loose.values()))
 
+    def candidates(self, token: str) -> tuple[Phrase, ...]:
+        """Return the phrases that may begin at a token."""
+        found = self.exact.get(token, ())
+        if len(token) >= 3:
+            more = self.prefix.get(token[:3])
+            if more:
+                found = found + tuple(p for p in more if p not in found)
+            more = self.suffix.get(token[-3:])
+            if more:
+                found = found + tuple(p for p in more if p not in found)
+        if self.loose:
+            found = found + self.loose
+        return found
+
     def find(self, tokens: list[str]) -> list[Match]:
         """Return every match of every phrase in tokens, in order of position."""
         found: list[Match] = []
         append = found.append
         n = len(tokens)
         present = set(tokens)
-        verdicts: dict[int, bool] = {}
-        exact, prefix, suffix, loose = self.exact, self.prefix, self.suffix, self.loose
-        for i, token in enumerate(tokens):
+        # Per text, once: the phrases each distinct word may begin, less those whose words are absent.
+        starting: dict[str, list[Phrase]] = {}
+        for token in present:
             if token == STOP or token == COMMA or token == NEWLINE:
                 continue
-            groups = [exact.get(token)]
-            if len(token) >= 3:
-                groups.append(prefix.get(token[:3]))
-                groups.append(suffix.get(token[-3:]))
-            if loose:
-                groups.append(loose)
-            for group in groups:
-                if not group:
+            possible = [p for p in self.candidates(token) if p.may_match(present)]
+            if possible:
+                starting[token] = possible
+        if not starting:
+            return found
+        for i, token in enumerate(tokens):
+            phrases = starting.get(token)
+            if phrases is None:
+                continue
+            following = i + 1
+            while following < n and tokens[following] == NEWLINE:
+                following += 1
+            after = tokens[following] if following < n else None
+            for phrase in phrases:
+                if phrase.second is not None and after not in phrase.second:
                     continue
-                for phrase in group:
-                    key = id(phrase)
-                    verdict = verdicts.get(key)
-                    if verdict is None:
-                        verdict = verdicts[key] = phrase.may_match(present)
-                    if not verdict:
-                        continue
-                    end = _match_from(phrase.steps, 0, tokens, i, n)
-                    if end is not None:
-                        append(Match(phrase, i, end))
+                end = _match_from(phrase.steps, 0, tokens, i, n)
+                if end is not None:
+                    append(Match(phrase, i, end))
         return found
 
 
@@ -234,10 +283,10 @@ class Lexicon:
 
     languages: tuple[str, ...]
     scripts: dict[str, str]
-    stopwords: dict[str, frozenset[str]]
+    stopwords: dict[str, tuple[str, ...]]
     phrases: PhraseIndex
     whole: dict[tuple[str, ...], str]
-    filler: frozenset[tuple[str, ...]]
+    filler: tuple[tuple[str, ...], ...]
     negation_before: dict[str, frozenset[tuple[str, ...]]]
     negation_after: dict[str, frozenset[tuple[str, ...]]]
     contrast: dict[str, frozenset[tuple[str, ...]]]
@@ -267,7 +316,7 @@ def _parse(text: str, where: str) -> tuple[Step, ...]:
                 if position >= len(pieces) or pieces[position] != ")":
                     raise LexiconError(f"{where}: unclosed (")
                 position += 1
-                steps.append((ALT, tuple(alternatives)))
+                steps.append(_group(tuple(alternatives)))
             elif piece in ("|", ")"):
                 if depth == 0:
                     raise LexiconError(f"{where}: {piece!r} outside a group")
@@ -283,6 +332,15 @@ def _parse(text: str, where: str) -> tuple[Step, ...]:
     if _first_steps(steps) is None or any(kind == GAP for kind, _ in (_first_steps(steps) or ())):
         raise LexiconError(f"{where}: phrase may begin with nothing or with a gap")
     return steps
+
+
+def _group(alternatives: tuple[tuple[Step, ...], ...]) -> Step:
+    """Return a group as one step: a set lookup when every alternative is a single word (or empty)."""
+    words = [a[0][1] for a in alternatives if len(a) == 1 and a[0][0] == EQ]
+    empty = any(len(a) == 0 for a in alternatives)
+    if len(words) + empty == len(alternatives) and words:
+        return (MAYBE_ONE_OF if empty else ONE_OF, frozenset(words))
+    return (ALT, alternatives)
 
 
 def _piece_steps(piece: str, cjk: bool, where: str) -> list[Step]:
@@ -311,6 +369,9 @@ def _expand(steps: tuple[Step, ...], where: str) -> list[tuple[str, ...]]:
         if kind == ALT:
             options = [option for alternative in value for option in _expand(alternative, where)]
             results = [r + o for r in results for o in options]
+        elif kind in (ONE_OF, MAYBE_ONE_OF):
+            options = [(word,) for word in sorted(value)] + ([()] if kind == MAYBE_ONE_OF else [])
+            results = [r + o for r in results for o in options]
         elif kind == EQ:
             results = [r + (value,) for r in results]
         else:
@@ -326,7 +387,7 @@ def _phrases(entries: list, category: str, language: str, where: str) -> list[Ph
     phrases = []
     for entry in entries:
         steps = _parse(entry, f"{where}: {entry!r}")
-        phrases.append(Phrase(category, language, entry, steps, *_prefilter(steps)))
+        phrases.append(Phrase(category, language, entry, steps, *_prefilter(steps), _second(steps)))
     return phrases
 
 
@@ -396,12 +457,13 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
     outlook_from: set[str] = set()
     outlook_sent: set[str] = set()
     scripts: dict[str, str] = {}
-    stopwords: dict[str, frozenset[str]] = {}
+    stopwords: dict[str, list[str]] = {}
     for path in paths:
         table = _read(path)
         language = table["language"]
         scripts[language] = table.get("script", "latin")
-        stopwords[language] = frozenset(fold(word) for word in table.get("stopwords", []))
+        for word in {fold(word) for word in table.get("stopwords", [])}:
+            stopwords.setdefault(word, []).append(language)
         filler |= _token_tuples(table.get("filler", []), f"{path.name} filler")
         negation = table.get("negation", {})
         # Negation is per language: Swedish "ni" is "you", not French "ni"; Danish "sin" is not Spanish "sin".
@@ -439,10 +501,10 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
     return Lexicon(
         languages=tuple(p.stem for p in paths),
         scripts=scripts,
-        stopwords=stopwords,
+        stopwords={word: tuple(sorted(languages)) for word, languages in stopwords.items()},
         phrases=PhraseIndex.build(intents + auto_replies + bounces + footers + signatures),
         whole=whole,
-        filler=frozenset(filler),
+        filler=tuple(sorted(filler, key=len, reverse=True)),
         negation_before=negation_before,
         negation_after=negation_after,
         contrast=contrast,
