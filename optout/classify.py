@@ -289,19 +289,18 @@ def _whole(tokens: list[str], lexicon: Lexicon) -> str | None:
     if found:
         return found
     # Drop politeness words ("please", "thanks") at either end, longest first.
-    trimmed = list(words)
+    filler = lexicon.filler_set
     changed = True
-    while changed and trimmed:
+    while changed and words:
         changed = False
-        for filler in lexicon.filler:
-            size = len(filler)
-            if tuple(trimmed[:size]) == filler:
-                trimmed = trimmed[size:]
-                changed = True
-            elif len(trimmed) > size and tuple(trimmed[-size:]) == filler:
-                trimmed = trimmed[:-size]
-                changed = True
-    return lexicon.whole.get(tuple(trimmed)) if trimmed else None
+        for size in (3, 2, 1):
+            if len(words) >= size and words[:size] in filler:
+                words, changed = words[size:], True
+                break
+            if len(words) > size and words[-size:] in filler:
+                words, changed = words[:-size], True
+                break
+    return lexicon.whole.get(words) if words else None
 
 
 def _confidence(matches: int, base: float = 0.7) -> float:

@@ -88,6 +88,7 @@ def _content_hash(raw: bytes) -> str:
     return hashlib.sha256(b"\n".join(sorted(stable)) + b"\n\n" + body.rstrip()).hexdigest()
 
 
+_JMRP = re.compile(rb"x-hmxmroriginalrecipient", re.I)
 ENCLOSED_TYPES = frozenset({"message/rfc822", "message/global", "text/rfc822-headers", "text/rfc822-header",
                             "message/rfc822-headers"})
 ENCLOSED_WANTED = ("from", "to", "cc", "subject", "date", "message-id", "x-hmxmroriginalrecipient", "x-original-to",
@@ -227,6 +228,8 @@ def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: d
     report_fields: list[tuple[str, str]] = []
     original_headers: tuple[tuple[str, str], ...] = ()
     top_type = str(root.content_type).lower()
+    # The returned message's headers matter for complaints only: RFC 5965 reports and Microsoft's JMRP.
+    wants_enclosed = top_type == "multipart/report" or _JMRP.search(raw) is not None
     if top_type == "multipart/report":
         report_type = (root.content_type.params.get("report-type") or "").lower() or None
     try:
@@ -247,7 +250,7 @@ def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: d
                     report_fields += _report_fields(part)
                     continue
                 if content_type in ENCLOSED_TYPES:
-                    if not original_headers:
+                    if not original_headers and wants_enclosed:
                         original_headers = _enclosed_headers(part)
                     if content_type.startswith("message/"):
                         attachments.append(Attachment(None, content_type, _size(part)))
@@ -345,9 +348,11 @@ def _declared(data: bytes, charset: str | None, defects: list[str]) -> str:
 
 
 def _size(part) -> int:
+    # flanker's own `size` serialises the part again; the span it was read from costs nothing.
+    container = getattr(part, "_container", None)
     try:
-        return int(part.size)
-    except Exception:
+        return max(0, int(container.end) - int(container._body_start) + 1)
+    except (AttributeError, TypeError, ValueError):
         return 0
 
 

@@ -211,6 +211,7 @@ class PhraseIndex:
     prefix: dict[str, tuple[Phrase, ...]]
     suffix: dict[str, tuple[Phrase, ...]]
     loose: tuple[Phrase, ...]
+    _cache: dict[str, tuple[Phrase, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, phrases: list[Phrase]) -> PhraseIndex:
@@ -231,7 +232,16 @@ class PhraseIndex:
         return cls(frozen[EQ], frozen[PREFIX], frozen[SUFFIX], tuple(loose.values()))
 
     def candidates(self, token: str) -> tuple[Phrase, ...]:
-        """Return the phrases that may begin at a token."""
+        """Return the phrases that may begin at a token (remembered: words repeat from mail to mail)."""
+        cache = self._cache
+        found = cache.get(token)
+        if found is None:
+            if len(cache) > 200_000:
+                cache.clear()
+            found = cache[token] = self._candidates(token)
+        return found
+
+    def _candidates(self, token: str) -> tuple[Phrase, ...]:
         found = self.exact.get(token, ())
         if len(token) >= 3:
             more = self.prefix.get(token[:3])
@@ -252,10 +262,18 @@ class PhraseIndex:
         present = set(tokens)
         # Per text, once: the phrases each distinct word may begin, less those whose words are absent.
         starting: dict[str, list[Phrase]] = {}
+        verdicts: dict[int, bool] = {}
         for token in present:
             if token == STOP or token == COMMA or token == NEWLINE:
                 continue
-            possible = [p for p in self.candidates(token) if p.may_match(present)]
+            possible = []
+            for phrase in self.candidates(token):
+                key = id(phrase)
+                verdict = verdicts.get(key)
+                if verdict is None:
+                    verdict = verdicts[key] = phrase.may_match(present)
+                if verdict:
+                    possible.append(phrase)
             if possible:
                 starting[token] = possible
         if not starting:
@@ -287,6 +305,7 @@ class Lexicon:
     phrases: PhraseIndex
     whole: dict[tuple[str, ...], str]
     filler: tuple[tuple[str, ...], ...]
+    filler_set: frozenset[tuple[str, ...]]
     negation_before: dict[str, frozenset[tuple[str, ...]]]
     negation_after: dict[str, frozenset[tuple[str, ...]]]
     contrast: dict[str, frozenset[tuple[str, ...]]]
@@ -505,6 +524,7 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
         phrases=PhraseIndex.build(intents + auto_replies + bounces + footers + signatures),
         whole=whole,
         filler=tuple(sorted(filler, key=len, reverse=True)),
+        filler_set=frozenset(f for f in filler if len(f) <= 3),
         negation_before=negation_before,
         negation_after=negation_after,
         contrast=contrast,
