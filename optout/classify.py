@@ -263,8 +263,8 @@ def _machine(message: Message, reading: Reading, lexicon: Lexicon) -> Classifica
                               machine=True)
     auto_hits = [m for m in reading.matches.get("auto-reply", []) if m.start <= reading.subject_end + MACHINE_WINDOW]
     if auto_hits:
-        return Classification(Kind.OTHER, "auto-reply", "machine.auto-reply-text", 0.9,
-                              reading.language, _evidence(reading.tokens, auto_hits), machine=True)
+        return Classification(Kind.OTHER, "auto-reply", "machine.auto-reply-text", 0.9, language=reading.language,
+                              evidence=_evidence(reading.tokens, auto_hits), machine=True)
     if precedence in ("bulk", "list", "junk"):
         return Classification(Kind.OTHER, "bulk", "machine.precedence", 0.95,
                               evidence=(f"Precedence: {precedence}",), machine=True)

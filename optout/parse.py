@@ -156,6 +156,16 @@ def _addresses(values: list[str]) -> list[tuple[str, str]]:
     return result
 
 
+def _display(name: str, address: str) -> str:
+    """Return "Name <address>", quoting the name where RFC 5322 requires it (formataddr refuses non-ASCII)."""
+    name = " ".join(name.replace("\r", " ").replace("\n", " ").split())
+    if not name:
+        return address
+    if any(char in name for char in '()<>@,;:\\".[]'):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{address}>"
+
+
 def _message_id(value: str | None) -> str | None:
     if not value:
         return None
@@ -190,7 +200,7 @@ def _common(headers: tuple[tuple[str, str], ...], raw: bytes, digest: str, defec
     if from_:
         name, address = from_[0]
         sender = normalise_address(address)
-        sender_display = f"{name} <{address}>" if name else address
+        sender_display = _display(name, address)
     recipients = [normalise_address(a) for _, a in _addresses([v for k, v in headers if k in ("to", "cc")])]
     return_path = _first(headers, "return-path")
     if return_path is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import format_datetime, formataddr
+from email.utils import format_datetime, formataddr, parseaddr
 from pathlib import Path
 
 import jinja2
@@ -85,7 +85,7 @@ def render_reply(reply: Reply, original: Message, env: jinja2.Environment, sende
         raise jinja2.TemplateNotFound(f"{reply.template}.{FALLBACK_LANGUAGE}.txt")
     language = reply.language if text_template.name.split(".")[-2] == reply.language else FALLBACK_LANGUAGE
     html_template = _pick(env, reply.template, language, "html")
-    display_name = header_safe(reply.display.split("<")[0].strip().strip('"'), 80) if "<" in reply.display else ""
+    display_name = header_safe(parseaddr(reply.display)[0], 80)
     context = {
         "name": display_name,
         "address": reply.to,

@@ -22,6 +22,9 @@ def judge(lexicon, body="", subject="Hello", **kwargs):
 def test_fixture(lexicon, row):
     raw = (FIXTURES / row["path"]).read_bytes()
     result = classify(parse_message(raw), lexicon)
+    assert result.language is None or isinstance(result.language, str)
+    assert all(isinstance(scope, str) for scope in result.scopes)
+    assert all(isinstance(words, str) for words in result.evidence)
     assert result.kind.value == row["kind"], (result.reason, result.rule, result.evidence)
     if row["reason"]:
         assert result.reason == row["reason"], (result.rule, result.evidence)
