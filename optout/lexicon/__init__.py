@@ -48,6 +48,30 @@ EQ, PREFIX, SUFFIX, INFIX, GAP, ALT, ONE_OF, MAYBE_ONE_OF = range(8)
 Step = tuple
 
 
+class Alternatives(tuple):
+    """A group's alternatives; those that begin with a plain word are indexed by it, so matching tries only them."""
+
+    by_first: dict[str, tuple]
+    others: tuple
+
+
+def _alternatives(alternatives: tuple[tuple[Step, ...], ...]) -> Alternatives:
+    group = Alternatives(alternatives)
+    by_first: dict[str, list] = {}
+    others = []
+    for alternative in alternatives:
+        if alternative and alternative[0][0] == EQ:
+            by_first.setdefault(alternative[0][1], []).append(alternative)
+        elif alternative and alternative[0][0] == ONE_OF:
+            for word in alternative[0][1]:
+                by_first.setdefault(word, []).append(alternative)
+        else:
+            others.append(alternative)
+    group.by_first = {word: tuple(found) for word, found in by_first.items()}
+    group.others = tuple(others)
+    return group
+
+
 @dataclass(frozen=True)
 class Phrase:
     """One phrase of a table, compiled to steps: its category, language and the text as written."""
@@ -127,7 +151,15 @@ def _match_from(steps: tuple, k: int, tokens: list[str], j: int, n: int, then=No
         kind, value = steps[k]
         if kind == ALT:
             frame = ((steps, k + 1), then)
-            for alternative in value:
+            probe = j
+            while probe < n and tokens[probe] == NEWLINE:
+                probe += 1
+            if probe < n:
+                for alternative in value.by_first.get(tokens[probe], ()):
+                    end = _match_from(alternative, 0, tokens, j, n, frame)
+                    if end is not None:
+                        return end
+            for alternative in value.others:
                 end = _match_from(alternative, 0, tokens, j, n, frame)
                 if end is not None:
                     return end
@@ -359,7 +391,7 @@ def _group(alternatives: tuple[tuple[Step, ...], ...]) -> Step:
     empty = any(len(a) == 0 for a in alternatives)
     if len(words) + empty == len(alternatives) and words:
         return (MAYBE_ONE_OF if empty else ONE_OF, frozenset(words))
-    return (ALT, alternatives)
+    return (ALT, _alternatives(alternatives))
 
 
 def _piece_steps(piece: str, cjk: bool, where: str) -> list[Step]:
