@@ -39,8 +39,10 @@ run: install
 test: install test-deps
 	$(BIN)/pytest -q
 
-bench: install
+bench: install test-deps
 	$(BIN)/python bench/classify.py
+	$(BIN)/python bench/smtp_ingest.py
+	$(BIN)/python bench/imap_backlog.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache
