@@ -131,11 +131,15 @@ def _starts_contrast(tokens: list[str], j: int, contrast: frozenset[tuple[str, .
     return any(tuple(tokens[j:j + len(words)]) == words for words in contrast)
 
 
-def _window_before(tokens: list[str], start: int, reach: int, contrast: frozenset[tuple[str, ...]]) -> list[str]:
+def _window_before(tokens: list[str], start: int, reach: int, contrast: frozenset[tuple[str, ...]],
+                   bridge: frozenset[str] = frozenset()) -> list[str]:
     window: list[str] = []
     j = start - 1
     while j >= 0 and len(window) < reach:
         token = tokens[j]
+        if token == COMMA and window and window[-1] in bridge:
+            j -= 1  # "nicht, dass Sie … löschen": the comma before "dass" does not end the negation's reach
+            continue
         if token == STOP or token == COMMA or _ends_contrast(tokens, j, contrast):
             break
         if token != NEWLINE:
@@ -172,10 +176,18 @@ def is_negated(tokens: list[str], match: Match, lexicon: Lexicon, language: str 
     before_words = [lexicon.negation_before.get(lang, frozenset()) for lang in languages]
     after_words = [lexicon.negation_after.get(lang, frozenset()) for lang in languages]
     contrast = frozenset().union(*(lexicon.contrast.get(lang, frozenset()) for lang in languages))
+    bridge = frozenset().union(*(lexicon.bridge.get(lang, frozenset()) for lang in languages))
     cjk = is_cjk(tokens[match.start][:1])
     reach = CJK_NEGATION_REACH if cjk else NEGATION_REACH
-    before = _window_before(tokens, match.start, reach, contrast)
-    if any(_contains(before, negation) for words in before_words for negation in words):
+    # A negation a gap swallowed ("mein Konto auf keinen Fall löschen") negates too; one the phrase
+    # is written with ("don't send me") does not.
+    negations = frozenset().union(*before_words)
+    written_negated = any((word,) in negations for word in match.phrase.literals)  # "ne … pas" is one negation
+    inside = [t for t in tokens[match.start:match.end] if t not in match.phrase.literals]
+    if inside and not written_negated and any(_contains(inside, negation) for negation in negations):
+        return True
+    before = _window_before(tokens, match.start, reach + 1 if bridge else reach, contrast, bridge)
+    if any(_contains(before, negation) for negation in negations):
         return True
     if any(after_words):
         after = _window_after(tokens, match.end, reach, contrast)

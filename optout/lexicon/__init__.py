@@ -31,7 +31,7 @@ WHOLE_CATEGORIES = ("opt-out.whole-all", "opt-out.whole-newsletters", "other.who
 _TOP_KEYS = {"language", "name", "script", "stopwords", "filler", "negation", "opt-out", "access", "deletion",
              "other", "machine", "text"}
 _SECTION_KEYS = {
-    "negation": {"before", "after", "contrast"},
+    "negation": {"before", "after", "contrast", "bridge"},
     "opt-out": {"all", "newsletters", "partners", "whole-all", "whole-newsletters"},
     "access": {"access", "rectification"},
     "deletion": {"erasure", "child"},
@@ -83,10 +83,25 @@ class Phrase:
     required: frozenset[str] = frozenset()
     one_of: tuple[frozenset[str], ...] = ()
     second: frozenset[str] | None = None
+    literals: frozenset[str] = frozenset()
 
     def may_match(self, present: set[str]) -> bool:
         """Say whether the words of a text leave this phrase any chance (a cheap test before matching)."""
         return self.required.issubset(present) and all(not group.isdisjoint(present) for group in self.one_of)
+
+
+def _literals(steps: tuple[Step, ...]) -> frozenset[str]:
+    """Return every plain word a phrase is written with (in any alternative)."""
+    words: set[str] = set()
+    for kind, value in steps:
+        if kind == EQ:
+            words.add(value)
+        elif kind in (ONE_OF, MAYBE_ONE_OF):
+            words |= value
+        elif kind == ALT:
+            for alternative in value:
+                words |= _literals(alternative)
+    return frozenset(words)
 
 
 def _second(steps: tuple[Step, ...]) -> frozenset[str] | None:
@@ -341,6 +356,7 @@ class Lexicon:
     negation_before: dict[str, frozenset[tuple[str, ...]]]
     negation_after: dict[str, frozenset[tuple[str, ...]]]
     contrast: dict[str, frozenset[tuple[str, ...]]]
+    bridge: dict[str, frozenset[str]]
     markers: Markers
     phrase_count: int = field(default=0)
 
@@ -438,7 +454,7 @@ def _phrases(entries: list, category: str, language: str, where: str) -> list[Ph
     phrases = []
     for entry in entries:
         steps = _parse(entry, f"{where}: {entry!r}")
-        phrases.append(Phrase(category, language, entry, steps, *_prefilter(steps), _second(steps)))
+        phrases.append(Phrase(category, language, entry, steps, *_prefilter(steps), _second(steps), _literals(steps)))
     return phrases
 
 
@@ -504,6 +520,7 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
     negation_before: dict[str, frozenset[tuple[str, ...]]] = {}
     negation_after: dict[str, frozenset[tuple[str, ...]]] = {}
     contrast: dict[str, frozenset[tuple[str, ...]]] = {}
+    bridge: dict[str, frozenset[str]] = {}
     attributions: list[str] = []
     outlook_from: set[str] = set()
     outlook_sent: set[str] = set()
@@ -521,6 +538,7 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
         negation_before[language] = frozenset(_token_tuples(negation.get("before", []), f"{path.name} [negation] before"))
         negation_after[language] = frozenset(_token_tuples(negation.get("after", []), f"{path.name} [negation] after"))
         contrast[language] = frozenset(_token_tuples(negation.get("contrast", []), f"{path.name} [negation] contrast"))
+        bridge[language] = frozenset(fold(word) for word in negation.get("bridge", []))
         for category in INTENT_CATEGORIES:
             section, key = category.split(".")
             entries = table.get(section, {}).get(key, [])
@@ -560,6 +578,7 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
         negation_before=negation_before,
         negation_after=negation_after,
         contrast=contrast,
+        bridge=bridge,
         markers=markers,
         phrase_count=count,
     )
