@@ -149,7 +149,8 @@ def main() -> None:
     print(f"{'':54}{'msg/s':>10}{'refused':>9}")
     for (server_name, connections), (rate, failures) in rates.items():
         label = ("aiosmtpd null handler (250 at once)" if server_name == "null" else "optout daemon (250 after commit)")
-        print(f"{label + f', {connections} connection' + ('s' if connections > 1 else ''):54}{rate:>10,.0f}{failures:>9}")
+        label += f", {connections} connection" + ("s" if connections > 1 else "")
+        print(f"{label:54}{rate:>10,.0f}{failures:>9}")
     for connections in (1, clients):
         ratio = rates["optout", connections][0] / rates["null", connections][0]
         aim = " (aim: at least 0.50)" if connections == 1 else ""

@@ -177,7 +177,9 @@ def smtp_daemon(tmp_path, lexicon):
     loop = LoopThread()
 
     def start(**overrides):
-        settings = Settings(**{"database": str(tmp_path / "optout.db"), "smtp_listen": "127.0.0.1:0", **overrides})
+        # Replies go to a maildir (no relay configured): keep it in tmp_path, not in the cwd of the test run.
+        settings = Settings(**{"database": str(tmp_path / "optout.db"), "smtp_listen": "127.0.0.1:0",
+                               "sent_maildir": str(tmp_path / "sent"), **overrides})
         daemon = Daemon(settings, Pipeline(lexicon, settings.unsubscribe_addresses))
         loop.run(daemon.start())
         started.append(daemon)

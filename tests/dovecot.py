@@ -98,7 +98,8 @@ class Dovecot:
 
     def _identity(self) -> tuple[str, str]:
         if os.geteuid() == 0:
-            return "nobody", "nogroup" if _group_exists("nogroup") else grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+            group = "nogroup" if _group_exists("nogroup") else grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+            return "nobody", group
         entry = pwd.getpwuid(os.geteuid())
         return entry.pw_name, grp.getgrgid(entry.pw_gid).gr_name
 

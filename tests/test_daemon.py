@@ -1,4 +1,4 @@
-"""`optout daemon` as a subprocess: SMTP and IMAP IDLE together, clean SIGTERM, quiet logs, reconnects, one ledger row."""
+"""`optout daemon` as a subprocess: SMTP and IMAP IDLE together, SIGTERM, quiet logs, reconnects, one ledger row."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         while self.text().count(needle) < count:
             if self.process.poll() is not None:
-                raise AssertionError(f"daemon exited {self.process.returncode} before logging {needle!r}:\n{self.text()}")
+                raise AssertionError(f"daemon exited {self.process.returncode} before logging {needle!r}:\n"
+                                     f"{self.text()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {needle!r} (x{count}) in the log after {timeout}s:\n{self.text()[-3000:]}")
             time.sleep(0.05)

@@ -24,7 +24,7 @@ OPT_OUT = "Please unsubscribe me from your newsletter."
 
 
 def unique_mail(tag: str, body: str = OPT_OUT, subject: str = "Unsubscribe", **options) -> tuple[bytes, str]:
-    """Return a message with CRLF line ends, as it travels over SMTP (smtplib sends bytes as they are), and its Message-ID."""
+    """Return a message with CRLF line ends (smtplib sends bytes as they are) and its Message-ID."""
     message_id = f"<{tag}-{time.monotonic_ns()}@example.net>"
     return make_mail(body, subject=subject, message_id=message_id, **options).replace(b"\n", b"\r\n"), message_id
 
@@ -242,7 +242,7 @@ def test_lmtp_answers_once_per_accepted_recipient(smtp_daemon):
         first = client.data(raw)[0]
         second = client.getreply()[0]  # RFC 2033 §4.2: the second accepted recipient's reply
         after = client.noop()  # nothing else was pending: this is NOOP's own reply
-    
+
     assert accepted == [250, 550, 250]
     assert (first, second) == (250, 250)
     assert after[0] == 250 and b"OK" in after[1].upper()
