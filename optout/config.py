@@ -32,7 +32,7 @@ class Settings:
     lexicon_dir: str | None = None
     imap_url: str | None = field(default=None, repr=False)
     imap_password_file: str | None = None
-    imap_review_reasons: tuple[str, ...] = ("unclear", "question", "malformed", "subscribe", "empty")
+    imap_review_reasons: tuple[str, ...] = ("unclear", "question", "malformed", "subscribe", "empty", "error")
     imap_processed_folder: str = "Processed"
     imap_review_folder: str = "Review"
     imap_batch_size: int = 500

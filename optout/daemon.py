@@ -125,9 +125,10 @@ class ThreadedSink:
         self.writer = writer
         self.intake = intake
 
-    def submit(self, raw, source, envelope_sender=None, envelope_recipients=()):
+    def submit(self, raw, source, envelope_sender=None, envelope_recipients=(), keep_failures=False):
         """Process on the writer thread."""
-        return self.writer.submit(self.intake.submit, raw, source, envelope_sender, envelope_recipients).result()
+        return self.writer.submit(self.intake.submit, raw, source, envelope_sender, envelope_recipients,
+                                  keep_failures).result()
 
     def checkpoint(self, source):
         """Read a checkpoint on the writer thread."""

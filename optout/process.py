@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
 from optout.classify import classify
 from optout.lexicon import Lexicon
-from optout.model import Classification, Decision, Message
+from optout.errors import StoreError
+from optout.model import Classification, Decision, Kind, Message
 from optout.parse import parse_message
 from optout.policy import Rules, decide
 from optout.replies import Rendered, render_reply
 from optout.store import Store
+
+
+log = logging.getLogger("optout.process")
 
 
 @dataclass(frozen=True)
@@ -61,11 +67,29 @@ def process(raw: bytes, source: str, store: Store, pipeline: Pipeline, now: date
     decision = decide(message, classification, history, now, pipeline.rules)
     rendered = None
     if decision.reply is not None and pipeline.templates is not None:
-        rendered = render_reply(decision.reply, message, pipeline.templates, pipeline.reply_from, now,
-                                pipeline.organisation)
+        try:
+            rendered = render_reply(decision.reply, message, pipeline.templates, pipeline.reply_from, now,
+                                    pipeline.organisation)
+        except Exception as error:  # a broken template costs the reply, never the suppression
+            log.error("reply to %s not rendered: %s: %s", message.key[:60], type(error).__name__, str(error)[:200])
     recorded = store.record(message, classification, decision, source, now, rendered)
     return Outcome(message.key, source, recorded.duplicate, message, classification, decision, recorded.request_ids,
                    None if recorded.duplicate else rendered)
+
+
+def record_failure(raw: bytes, source: str, store: Store, now: datetime, error: BaseException) -> Outcome:
+    """Record a message that could not be processed as `other`/`error`, so that a person reviews it.
+
+    Its key is the hash of its bytes alone: once the cause is fixed, the same mail fed again is processed
+    normally. The error's type and text go to the ledger, never the message.
+    """
+    message = Message(sha256=hashlib.sha256(raw).hexdigest(), size=len(raw), malformed=True,
+                      defects=(f"processing failed: {type(error).__name__}",))
+    classification = Classification(Kind.OTHER, "error", f"error.{type(error).__name__}", 0.0,
+                                    evidence=(str(error)[:200],))
+    decision = Decision("nothing", notes=("processing failed; left for review",), no_reply_reason="processing failed")
+    recorded = store.record(message, classification, decision, source, now)
+    return Outcome(message.key, source, recorded.duplicate, message, classification, decision)
 
 
 class Intake:
@@ -84,11 +108,25 @@ class Intake:
         self.dry_run = dry_run
 
     def submit(self, raw: bytes, source: str, envelope_sender: str | None = None,
-               envelope_recipients: tuple[str, ...] = ()) -> Outcome:
-        """Process one message (or, dry, only judge it) and return what happened."""
+               envelope_recipients: tuple[str, ...] = (), keep_failures: bool = False) -> Outcome:
+        """Process one message (or, dry, only judge it) and return what happened.
+
+        With `keep_failures` (a mailbox, where the message itself stays), a message that makes processing
+        fail is recorded for review instead of stopping the run; otherwise (SMTP) the error is raised, so
+        that the sender is told to try again and nothing is lost.
+        """
         now = self.clock()
         if not self.dry_run:
-            return process(raw, source, self.store, self.pipeline, now, envelope_sender, envelope_recipients)
+            try:
+                return process(raw, source, self.store, self.pipeline, now, envelope_sender, envelope_recipients)
+            except StoreError:
+                raise
+            except Exception as error:
+                if not keep_failures:
+                    raise
+                log.error("message from %s could not be processed: %s: %s (left for review)", source,
+                          type(error).__name__, str(error)[:200])
+                return record_failure(raw, source, self.store, now, error)
         message, classification = examine(raw, self.pipeline, envelope_sender, envelope_recipients)
         decision = decide(message, classification, self.store.history(message.sender, now), now, self.pipeline.rules)
         return Outcome(message.key, source, self.store.seen(message.key), message, classification, decision)

@@ -25,7 +25,7 @@ from typing import Iterator
 from imapclient import IMAPClient
 
 FOLDER_KINDS = ("opt-out", "access", "deletion", "other")
-REVIEW_REASONS = ("unclear", "question", "malformed", "subscribe", "empty")
+REVIEW_REASONS = ("unclear", "question", "malformed", "subscribe", "empty", "error")
 
 
 def free_port() -> int:

@@ -6,6 +6,9 @@ import pytest
 from conftest import NOW
 from optout.model import Kind
 from optout.process import Pipeline, process
+from optout.store import Store
+
+from conftest import make_mail
 
 TRACE = (b"Return-Path: <ann@example.net>\r\n"
          b"Delivered-To: privacy@example.com\r\n"
@@ -272,3 +275,26 @@ def test_unparseable_bytes_are_recorded_as_other_and_not_dropped(store, pipeline
     assert store.seen(outcome.key)
     assert store.ledger(outcome.key)["malformed"] == 1
     assert store.suppressions() == []
+
+
+def test_a_message_that_breaks_processing_is_kept_for_review_not_fatal(tmp_path, lexicon):
+    import pytest as _pytest
+
+    from optout.policy import Rules
+    from optout.process import Intake, Pipeline
+
+    # Our own seam: rules that make `decide()` fail for any opt-out (an own address that is not a string).
+    broken = Pipeline(lexicon, rules=Rules(own_addresses=(None,)))
+    with Store(tmp_path / "optout.db") as store:
+        intake = Intake(store, broken, clock=lambda: NOW)
+        raw = make_mail("Please unsubscribe me.", message_id="<broken@example.net>")
+        with _pytest.raises(Exception):
+            intake.submit(raw, "smtp")  # SMTP: raise, so the client is told 451 and nothing is lost
+        outcome = intake.submit(raw, "imap", keep_failures=True)  # a mailbox: record it, carry on
+        assert (outcome.classification.kind.value, outcome.classification.reason) == ("other", "error")
+        assert outcome.classification.rule.startswith("error.")
+        row = store.ledger(outcome.key)
+        assert row["reason"] == "error" and row["action"] == "nothing"
+        # Once the cause is gone, the same mail is processed normally (the failure's key is the bytes alone).
+        fixed = Intake(store, Pipeline(lexicon), clock=lambda: NOW).submit(raw, "imap", keep_failures=True)
+        assert not fixed.duplicate and fixed.classification.kind.value == "opt-out"

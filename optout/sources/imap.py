@@ -26,15 +26,16 @@ from optout.errors import ConfigError, MailboxError, TransientError
 from optout.model import Kind
 
 log = logging.getLogger("optout.imap")
-NETWORK_ERRORS = (OSError, socket.timeout, ssl.SSLError, IMAPClientError, imapclient.imaplib.IMAP4.abort,
-                  imapclient.imaplib.IMAP4.error, EOFError)
+# What a lost or refused connection raises; not OSError as a whole, which a missing file raises too.
+NETWORK_ERRORS = (ConnectionError, TimeoutError, socket.timeout, socket.gaierror, ssl.SSLError, IMAPClientError,
+                  imapclient.imaplib.IMAP4.abort, imapclient.imaplib.IMAP4.error, EOFError)
 
 
 class Sink(Protocol):
     """Where the source hands mail: an Intake, directly or through the daemon's writer thread."""
 
     def submit(self, raw: bytes, source: str, envelope_sender: str | None = None,
-               envelope_recipients: tuple[str, ...] = ()): ...
+               envelope_recipients: tuple[str, ...] = (), keep_failures: bool = False): ...
 
     def checkpoint(self, source: str) -> tuple[int, int] | None: ...
 
@@ -53,7 +54,7 @@ class ImapSettings:
     folder: str = "INBOX"
     processed_folder: str = "Processed"
     review_folder: str = "Review"
-    review_reasons: tuple[str, ...] = ("unclear", "question", "malformed", "subscribe", "empty")
+    review_reasons: tuple[str, ...] = ("unclear", "question", "malformed", "subscribe", "empty", "error")
     batch_size: int = 500
     poll_seconds: int = 60
     timeout: float = 60.0
@@ -179,7 +180,7 @@ class ImapSource:
                 item = fetched.get(uid)
                 if item is None or b"BODY[]" not in item:
                     continue  # expunged by someone else meanwhile
-                outcome = self.sink.submit(item[b"BODY[]"], "imap")
+                outcome = self.sink.submit(item[b"BODY[]"], "imap", keep_failures=True)
                 summary.seen += 1
                 if outcome.duplicate:
                     summary.duplicates += 1
@@ -257,15 +258,20 @@ class ImapSource:
             client.noop()
             return
         client.idle()
-        try:
-            # Wake at least every few seconds to notice a stop; re-IDLE well within the 29 minutes of RFC 2177.
-            deadline = time.monotonic() + 25 * 60
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                responses = client.idle_check(timeout=2)
-                if any(r[1] in (b"EXISTS", b"RECENT") for r in responses if len(r) > 1):
-                    break
-        finally:
-            client.idle_done()
+        # Wake at least every few seconds to notice a stop; re-IDLE well within the 29 minutes of RFC 2177.
+        # A lost connection raises (IMAP4.abort): `watch` then reconnects with backoff.
+        deadline = time.monotonic() + 25 * 60
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            responses = client.idle_check(timeout=2)
+            if any(r[0] == b"BYE" or (len(r) > 1 and r[1] == b"BYE") for r in responses):
+                raise imapclient.imaplib.IMAP4.abort("the server said BYE")
+            if any(r[1] in (b"EXISTS", b"RECENT") for r in responses if len(r) > 1):
+                break
+            if not responses and time.monotonic() - started < 0.5:
+                # imapclient answers at once with nothing once the socket is closed: the connection is gone.
+                raise imapclient.imaplib.IMAP4.abort("the connection was closed")
+        client.idle_done()
 
 
 def _text(error: BaseException) -> str:
