@@ -6,8 +6,11 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import EmailMessage
-from email.policy import SMTP
+from email.charset import QP, Charset
+from email.header import Header
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import compat32
 from email.utils import format_datetime, formataddr, parseaddr
 from pathlib import Path
 
@@ -106,11 +109,18 @@ def render_reply(reply: Reply, original: Message, env: jinja2.Environment, sende
     body = _block(text_template, "body", context) + "\n"
     domain = sender.rpartition("@")[2] or "localhost"
     message_id = message_id_for(original.key, reply.template, domain)
-    # Lines up to RFC 5322's 998: message ids are never folded into encoded words.
-    mail = EmailMessage(policy=SMTP.clone(max_line_length=998))
-    mail["From"] = formataddr((header_safe(organisation, 80), sender)) if organisation else sender
-    mail["To"] = formataddr((display_name, reply.to)) if display_name else reply.to
-    mail["Subject"] = header_safe(subject, 250)
+    # The compat32 classes build a message several times faster than EmailMessage's header registry,
+    # which made rendering the most expensive step of processing a request.
+    text_part = MIMEText(body, "plain", _UTF8)
+    if html_template is not None:
+        mail = MIMEMultipart("alternative")
+        mail.attach(text_part)
+        mail.attach(MIMEText(_block(html_template, "body", context) + "\n", "html", _UTF8))
+    else:
+        mail = text_part
+    mail["From"] = _address_header(header_safe(organisation, 80), sender)
+    mail["To"] = _address_header(display_name, reply.to)
+    mail["Subject"] = _text_header(header_safe(subject, 250))
     mail["Date"] = format_datetime(now)
     mail["Message-ID"] = message_id
     if original.message_id:
@@ -119,8 +129,27 @@ def render_reply(reply: Reply, original: Message, env: jinja2.Environment, sende
         mail["References"] = " ".join(references)
     mail["Auto-Submitted"] = "auto-replied"
     mail["X-Auto-Response-Suppress"] = "All"
-    mail.set_content(body)
-    if html_template is not None:
-        mail.add_alternative(_block(html_template, "body", context), subtype="html")
     mail["Content-Language"] = language
-    return Rendered(reply.to, str(mail["Subject"]), message_id, language, reply.template, mail.as_bytes())
+    subject_text = header_safe(subject, 250)
+    raw = mail.as_bytes(policy=_WIRE)
+    return Rendered(reply.to, subject_text, message_id, language, reply.template, raw)
+
+
+# Quoted-printable keeps the text readable in a raw message (base64 is the default for UTF-8).
+_UTF8 = Charset("utf-8")
+_UTF8.body_encoding = QP
+
+# Lines up to RFC 5322's 998 so that message ids are never folded; CRLF line ends, as on the wire.
+_WIRE = compat32.clone(linesep="\r\n", max_line_length=998)
+
+
+def _text_header(text: str) -> str | Header:
+    return text if text.isascii() else Header(text, "utf-8")
+
+
+def _address_header(name: str, address: str) -> str:
+    if not name:
+        return address
+    if name.isascii():
+        return formataddr((name, address))
+    return formataddr((str(Header(name, "utf-8").encode()), address))
