@@ -10,7 +10,7 @@ from email.charset import QP, Charset
 from email.header import Header
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from email.policy import compat32
+from email.policy import Compat32
 from email.utils import format_datetime, formataddr, parseaddr
 from pathlib import Path
 
@@ -139,8 +139,17 @@ def render_reply(reply: Reply, original: Message, env: jinja2.Environment, sende
 _UTF8 = Charset("utf-8")
 _UTF8.body_encoding = QP
 
-# Lines up to RFC 5322's 998 so that message ids are never folded; CRLF line ends, as on the wire.
-_WIRE = compat32.clone(linesep="\r\n", max_line_length=998)
+class _WirePolicy(Compat32):
+    """compat32 with CRLF line ends, lines up to RFC 5322's 998 (message ids are never folded), and
+    plain ASCII header values written as they are instead of through a Header object each."""
+
+    def _fold(self, name, value, sanitize):
+        if isinstance(value, str) and value.isascii() and "\n" not in value and len(name) + len(value) < 996:
+            return f"{name}: {value}{self.linesep}"
+        return super()._fold(name, value, sanitize)
+
+
+_WIRE = _WirePolicy(linesep="\r\n", max_line_length=998)
 
 
 def _text_header(text: str) -> str | Header:
