@@ -337,7 +337,12 @@ def run(ctx: click.Context, once: bool, dry_run: bool, as_json: bool) -> None:
             message = "No IMAP mailbox configured (OPTOUT_IMAP_URL or [imap] url): nothing to fetch."
         else:
             intake = Intake(state.store, state.pipeline, clock=now, dry_run=dry_run)
-            summary = drain(imap, intake, on_outcome=log_outcome)
+            from optout.process import Examiner
+
+            def examiner():
+                return Examiner(settings.lexicon_dir, settings.unsubscribe_addresses)
+
+            summary = drain(imap, intake, on_outcome=log_outcome, examiner_factory=examiner)
             kinds = ", ".join(f"{v} {k}" for k, v in sorted(summary.kinds.items())) or "nothing new"
             verb = "would move" if dry_run else "moved"
             message = (f"{summary.seen} messages in {imap.folder}: {summary.processed} new ({kinds}), "

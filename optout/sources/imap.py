@@ -41,6 +41,8 @@ class Sink(Protocol):
 
     def set_checkpoint(self, source: str, uidvalidity: int, last_uid: int) -> None: ...
 
+    def submit_examined(self, raw: bytes, examined, source: str): ...
+
 
 @dataclass(frozen=True)
 class ImapSettings:
@@ -100,9 +102,14 @@ class ImapSource:
     """Drain the watched folder into the sink, then file each message by its kind."""
 
     def __init__(self, settings: ImapSettings, sink: Sink, stop: threading.Event | None = None,
-                 on_outcome: Callable[[object], None] | None = None) -> None:
+                 on_outcome: Callable[[object], None] | None = None, examiner_factory=None,
+                 parallel_from: int = 200) -> None:
         self.settings = settings
         self.sink = sink
+        # For a large backlog, parse and classify batches in worker processes (see process.Examiner).
+        self.examiner_factory = examiner_factory
+        self.parallel_from = parallel_from
+        self.examiner = None
         self.stop = stop or threading.Event()
         self.on_outcome = on_outcome
         self.client: imapclient.IMAPClient | None = None
@@ -138,7 +145,10 @@ class ImapSource:
         return client
 
     def close(self) -> None:
-        """Log out, quietly."""
+        """Log out, quietly, and stop the worker processes."""
+        if self.examiner is not None:
+            self.examiner.close()
+            self.examiner = None
         if self.client is not None:
             try:
                 self.client.logout()
@@ -167,6 +177,8 @@ class ImapSource:
             log.warning("UIDVALIDITY of %s changed (%s -> %s): rescanning; the ledger skips what was done",
                         s.folder, checkpoint[0], uidvalidity)
         uids = sorted(client.search(["ALL"]))
+        if self.examiner is None and self.examiner_factory is not None and len(uids) >= self.parallel_from:
+            self.examiner = self.examiner_factory()
         for start in range(0, len(uids), s.batch_size):
             if self.stop.is_set():
                 break
@@ -174,13 +186,18 @@ class ImapSource:
             fetched = client.fetch(batch, ["BODY.PEEK[]"])
             destinations: dict[str, list[int]] = {}
             done: list[int] = []
-            for uid in batch:
+            present = [uid for uid in batch if b"BODY[]" in fetched.get(uid, {})]  # others were expunged meanwhile
+            results = None
+            if self.examiner is not None and len(present) > 1:
+                results = self.examiner.examine_many([fetched[uid][b"BODY[]"] for uid in present])
+            for uid in present:
                 if self.stop.is_set():
                     break
-                item = fetched.get(uid)
-                if item is None or b"BODY[]" not in item:
-                    continue  # expunged by someone else meanwhile
-                outcome = self.sink.submit(item[b"BODY[]"], "imap", keep_failures=True)
+                raw = fetched[uid][b"BODY[]"]
+                if results is not None:
+                    outcome = self.sink.submit_examined(raw, next(results), "imap")
+                else:
+                    outcome = self.sink.submit(raw, "imap", keep_failures=True)
                 summary.seen += 1
                 if outcome.duplicate:
                     summary.duplicates += 1
@@ -279,9 +296,9 @@ def _text(error: BaseException) -> str:
     return text.replace("\r", " ").replace("\n", " ")[:300]
 
 
-def drain(settings: ImapSettings, sink: Sink, on_outcome=None) -> RunSummary:
+def drain(settings: ImapSettings, sink: Sink, on_outcome=None, examiner_factory=None) -> RunSummary:
     """Connect, process the backlog once and log out (for `optout run --once`)."""
-    source = ImapSource(settings, sink, on_outcome=on_outcome)
+    source = ImapSource(settings, sink, on_outcome=on_outcome, examiner_factory=examiner_factory)
     try:
         source.connect()
         return source.run_once()
