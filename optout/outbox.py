@@ -160,6 +160,19 @@ def backoff(attempts: int, base: float = 60.0, ceiling: float = 6 * 3600.0) -> t
     return timedelta(seconds=min(ceiling, base * (2 ** max(0, attempts))))
 
 
+_last_warning = [0.0]
+
+
+def _warn_breaker(sent: int, cap: int, waiting: int) -> None:
+    # At most one warning every ten minutes: a flood must not flood the log as well.
+    import time
+
+    if time.monotonic() - _last_warning[0] > 600:
+        _last_warning[0] = time.monotonic()
+        log.warning("reply circuit breaker: %d replies sent in the last hour (cap %d); %d replies wait",
+                    sent, cap, waiting)
+
+
 def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap: int = 100,
           max_attempts: int = 12, base_delay: float = 60.0, signer: Callable[[bytes], bytes] | None = None) -> FlushSummary:
     """Deliver every due reply once; reschedule or fail the ones the relay does not take.
@@ -170,16 +183,18 @@ def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap
     try:
         while True:
             now = clock()
-            due = store.outbox_due(now, limit=100)
+            sent = store.sent_since(now - timedelta(hours=1))
+            room = hourly_cap - sent
+            if room <= 0:
+                waiting = store.outbox_waiting(now)
+                if waiting:
+                    summary.held += waiting
+                    _warn_breaker(sent, hourly_cap, waiting)
+                break
+            due = store.outbox_due(now, limit=min(room, 100))
             if not due:
                 break
-            room = hourly_cap - store.sent_since(now - timedelta(hours=1))
-            if room <= 0:
-                summary.held += len(due)
-                log.warning("reply circuit breaker: %d replies sent in the last hour (cap %d); %d replies wait",
-                            hourly_cap - room, hourly_cap, len(due))
-                break
-            for row in due[:room]:
+            for row in due:
                 raw = bytes(row["raw"])
                 if signer is not None:
                     raw = signer(raw)
@@ -200,15 +215,6 @@ def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap
                 store.outbox_result(row["id"], clock(), "sent", "accepted")
                 summary.sent += 1
                 log.info("reply %s sent (%s)", row["id"], row["kind"])
-            if len(due) > room:
-                summary.held += len(due) - room
-                log.warning("reply circuit breaker: hourly cap %d reached; %d replies wait", hourly_cap,
-                            len(due) - room)
-                break
-            if summary.retried or summary.failed:
-                # What was rescheduled is not due again in this pass; stop when only those remain.
-                if not store.outbox_due(clock(), limit=1):
-                    break
     finally:
         transport.close()
     return summary

@@ -98,9 +98,9 @@ def _start_worker(lexicon_dir: str | None, unsubscribe_addresses: tuple[str, ...
     _WORKER = Pipeline(lexicon, unsubscribe_addresses)
 
 
-def _examine_in_worker(raw: bytes):
+def _examine_in_worker(raw: bytes, envelope_sender: str | None = None, envelope_recipients: tuple[str, ...] = ()):
     try:
-        return examine(raw, _WORKER)
+        return examine(raw, _WORKER, envelope_sender, envelope_recipients)
     except Exception as error:  # the writer records it for review; a worker must not die on one message
         return error
 
@@ -121,6 +121,15 @@ class Examiner:
         context.set_forkserver_preload(["optout.process"])
         self.pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 2, mp_context=context,
                                         initializer=_start_worker, initargs=(lexicon_dir, unsubscribe_addresses))
+
+    async def examine_one(self, raw: bytes, envelope_sender: str | None, envelope_recipients: tuple[str, ...]):
+        """Examine one message in a worker, from the event loop."""
+        import asyncio
+        from functools import partial
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, partial(_examine_in_worker, raw, envelope_sender,
+                                                             envelope_recipients))
 
     def examine_many(self, raws: list[bytes]):
         """Yield (Message, Classification) per raw message, in order, as workers finish them (an exception
@@ -186,16 +195,19 @@ class Intake:
         decision = decide(message, classification, self.store.history(message.sender, now), now, self.pipeline.rules)
         return Outcome(message.key, source, self.store.seen(message.key), message, classification, decision)
 
-    def submit_examined(self, raw: bytes, examined, source: str) -> Outcome:
+    def submit_examined(self, raw: bytes, examined, source: str, envelope_sender: str | None = None,
+                        envelope_recipients: tuple[str, ...] = (), keep_failures: bool = True) -> Outcome:
         """Complete a message a worker has parsed and classified; `examined` may be the worker's exception."""
         if isinstance(examined, Exception) or self.dry_run:
-            return self.submit(raw, source, keep_failures=True)
+            return self.submit(raw, source, envelope_sender, envelope_recipients, keep_failures)
         message, classification = examined
         try:
             return complete(message, classification, source, self.store, self.pipeline, self.clock())
         except StoreError:
             raise
         except Exception as error:
+            if not keep_failures:
+                raise
             log.error("message from %s could not be processed: %s: %s (left for review)", source,
                       type(error).__name__, str(error)[:200])
             return record_failure(raw, source, self.store, self.clock(), error)

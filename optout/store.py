@@ -307,6 +307,12 @@ class Store:
         columns = [c[0] for c in cursor.description]
         return [dict(zip(columns, row)) for row in cursor]
 
+    def outbox_waiting(self, now: datetime) -> int:
+        """Count the queued replies that are due."""
+        return int(self.db.execute(
+            "SELECT count(*) FROM outbox WHERE status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
+            [_iso(now)]).fetchone()[0])
+
     def sent_since(self, since: datetime) -> int:
         """Count the replies sent since a moment (for the hourly circuit breaker)."""
         return int(self.db.execute("SELECT count(*) FROM outbox WHERE status = 'sent' AND sent_at >= ?",
