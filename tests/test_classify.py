@@ -197,3 +197,11 @@ def test_reading_drops_signature_and_quote(lexicon):
     reading = read_person(parse_message(raw), lexicon)
     assert "iphone" not in reading.tokens
     assert "deleting" not in reading.tokens
+
+
+def test_a_plain_text_read_receipt_is_machine_mail(lexicon):
+    body = "Ihre Nachricht\n\n  An: Anna Roth\n  Betreff: Ihr Auskunftsersuchen\n\nwurde am 3. Dezember 2026 gelesen.\n"
+    result = judge(lexicon, body, "Gelesen: Ihr Auskunftsersuchen")
+    assert (result.kind, result.reason, result.machine) == (Kind.OTHER, "receipt", True)
+    # A person whose subject merely starts with a word like it is not a receipt.
+    assert judge(lexicon, "Please delete my account and all my data.", "Re: delete").kind is Kind.DELETION
