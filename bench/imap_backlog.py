@@ -28,12 +28,13 @@ from pathlib import Path
 logging.getLogger("flanker.addresslib._parser.parser").setLevel(logging.ERROR)
 logging.getLogger("flanker").setLevel(logging.ERROR)
 
-from flanker import mime  # noqa: E402
 from imapclient import IMAPClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from classify import bare_parse  # noqa: E402  (the same ceiling as bench/classify.py)
 from dovecot import Dovecot, dovecot_binary  # noqa: E402
 
 # Per language: greeting, what the person asks (by kind), sign-off, and how their client introduces the quote.
@@ -131,23 +132,6 @@ def seed(mailbox, messages: list[bytes], batch: int = 100) -> float:
     started = time.perf_counter()
     mailbox.append(messages, batch=batch)
     return time.perf_counter() - started
-
-
-def bare_parse(raw: bytes) -> None:
-    """flanker's parse and a walk over the text parts, nothing else."""
-    try:
-        message = mime.from_string(raw)
-    except Exception:
-        try:
-            message = mime.recover(raw)
-        except Exception:
-            return
-    try:
-        for part in message.walk(with_self=True):
-            if part.content_type.main == "text":
-                part.body
-    except Exception:
-        pass
 
 
 def ceiling(mailbox) -> tuple[int, float]:

@@ -181,16 +181,8 @@ class Intake:
         """
         now = self.clock()
         if not self.dry_run:
-            try:
-                return process(raw, source, self.store, self.pipeline, now, envelope_sender, envelope_recipients)
-            except StoreError:
-                raise
-            except Exception as error:
-                if not keep_failures:
-                    raise
-                log.error("message from %s could not be processed: %s: %s (left for review)", source,
-                          type(error).__name__, str(error)[:200])
-                return record_failure(raw, source, self.store, now, error)
+            return self._guarded(lambda: process(raw, source, self.store, self.pipeline, now, envelope_sender,
+                                                 envelope_recipients), raw, source, now, keep_failures)
         message, classification = examine(raw, self.pipeline, envelope_sender, envelope_recipients)
         decision = decide(message, classification, self.store.history(message.sender, now), now, self.pipeline.rules)
         return Outcome(message.key, source, self.store.seen(message.key), message, classification, decision)
@@ -201,8 +193,13 @@ class Intake:
         if isinstance(examined, Exception) or self.dry_run:
             return self.submit(raw, source, envelope_sender, envelope_recipients, keep_failures)
         message, classification = examined
+        now = self.clock()
+        return self._guarded(lambda: complete(message, classification, source, self.store, self.pipeline, now),
+                             raw, source, now, keep_failures)
+
+    def _guarded(self, work, raw: bytes, source: str, now: datetime, keep_failures: bool) -> Outcome:
         try:
-            return complete(message, classification, source, self.store, self.pipeline, self.clock())
+            return work()
         except StoreError:
             raise
         except Exception as error:
@@ -210,7 +207,7 @@ class Intake:
                 raise
             log.error("message from %s could not be processed: %s: %s (left for review)", source,
                       type(error).__name__, str(error)[:200])
-            return record_failure(raw, source, self.store, self.clock(), error)
+            return record_failure(raw, source, self.store, now, error)
 
     def checkpoint(self, source: str) -> tuple[int, int] | None:
         """Return how far a mailbox source has got."""
