@@ -88,14 +88,28 @@ def complete(message: Message, classification: Classification, source: str, stor
 _WORKER: Pipeline | None = None
 
 
-def _start_worker(lexicon_dir: str | None, unsubscribe_addresses: tuple[str, ...]) -> None:
+def _start_worker(lexicon_dir: str | None, unsubscribe_addresses: tuple[str, ...], parent: int) -> None:
     global _WORKER
+    import threading
     from pathlib import Path
 
     from optout.lexicon import load_lexicon
 
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
     lexicon = load_lexicon(Path(lexicon_dir)) if lexicon_dir else load_lexicon()
     _WORKER = Pipeline(lexicon, unsubscribe_addresses)
+
+
+def _exit_with(parent: int) -> None:
+    # A worker outlives nothing: when its parent dies (kill -9 included), it exits within a second.
+    import os
+    import time
+
+    while True:
+        time.sleep(1)
+        if os.getppid() != parent:
+            os._exit(0)
 
 
 def _examine_in_worker(raw: bytes, envelope_sender: str | None = None, envelope_recipients: tuple[str, ...] = ()):
@@ -109,7 +123,7 @@ class Examiner:
     """Parse and classify in worker processes (both are pure), while one writer decides and records.
 
     Parsing and classifying are most of the work; on a machine with several cores a backlog goes through
-    several times faster this way. Workers start from a fork server, never from a threaded parent.
+    faster this way. Workers are spawned (never forked from a threaded parent) and exit with their parent.
     """
 
     def __init__(self, lexicon_dir: str | None, unsubscribe_addresses: tuple[str, ...], workers: int | None = None):
@@ -117,10 +131,10 @@ class Examiner:
         import os
         from concurrent.futures import ProcessPoolExecutor
 
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["optout.process"])
+        context = multiprocessing.get_context("spawn")
         self.pool = ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 2, mp_context=context,
-                                        initializer=_start_worker, initargs=(lexicon_dir, unsubscribe_addresses))
+                                        initializer=_start_worker,
+                                        initargs=(lexicon_dir, unsubscribe_addresses, os.getpid()))
 
     async def examine_one(self, raw: bytes, envelope_sender: str | None, envelope_recipients: tuple[str, ...]):
         """Examine one message in a worker, from the event loop."""
