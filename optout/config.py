@@ -37,6 +37,7 @@ class Settings:
     imap_review_folder: str = "Review"
     imap_batch_size: int = 500
     imap_poll_seconds: int = 60
+    workers: int = 1
     smtp_listen: str = "127.0.0.1:2525"
     smtp_lmtp: bool = False
     smtp_max_message_bytes: int = 10 * 1024 * 1024
@@ -107,6 +108,7 @@ SCHEMA: dict[str, dict[str, tuple[str, type, str | None]]] = {
         "batch_size": ("imap_batch_size", int, "positive"),
         "poll_seconds": ("imap_poll_seconds", int, "positive"),
     },
+    "processing": {"workers": ("workers", int, "non-negative")},
     "smtp": {
         "listen": ("smtp_listen", str, "host-port"),
         "lmtp": ("smtp_lmtp", bool, None),

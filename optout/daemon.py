@@ -25,7 +25,8 @@ from optout.model import normalise_address
 from optout.outbox import FlushSummary, MaildirTransport, RelayTransport, flush, relay_settings
 from optout.signing import dkim_signer
 from optout.policy import Rules
-from optout.process import Examiner, Intake, Outcome, Pipeline
+from optout.examiner import Examiner
+from optout.process import Intake, Outcome, Pipeline
 from optout.sources.imap import ImapSettings, ImapSource, imap_settings
 from optout.sources.smtp import PrivacyHandler, SmtpLimits, start_server
 from optout.store import Store
@@ -178,8 +179,9 @@ class Daemon:
         """Open the store on the writer thread, listen for SMTP, start watching IMAP."""
         loop = asyncio.get_running_loop()
         self.intake = await loop.run_in_executor(self.writer, self._open)
-        if self.parallel and (os.cpu_count() or 1) > 1:
-            self.examiner = Examiner(self.settings.lexicon_dir, self.settings.unsubscribe_addresses)
+        if self.parallel and self.settings.workers > 0 and (os.cpu_count() or 1) > 1:
+            self.examiner = Examiner(self.settings.lexicon_dir, self.settings.unsubscribe_addresses,
+                                     workers=self.settings.workers)
 
         async def submit(raw: bytes, mail_from: str, recipients: tuple[str, ...]):
             self.in_flight += 1
