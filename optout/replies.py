@@ -113,9 +113,11 @@ def render_reply(reply: Reply, original: Message, env: jinja2.Environment, sende
     # which made rendering the most expensive step of processing a request.
     text_part = MIMEText(body, "plain", _UTF8)
     if html_template is not None:
+        html_part = MIMEText(_block(html_template, "body", context) + "\n", "html", _UTF8)
         mail = MIMEMultipart("alternative")
-        mail.attach(text_part)
-        mail.attach(MIMEText(_block(html_template, "body", context) + "\n", "html", _UTF8))
+        for part in (text_part, html_part):
+            del part["MIME-Version"]  # belongs to the message, not to its parts
+            mail.attach(part)
     else:
         mail = text_part
     mail["From"] = _address_header(header_safe(organisation, 80), sender)
