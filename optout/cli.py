@@ -20,13 +20,17 @@ from optout.errors import InputError, OptoutError
 EXIT_CODES = """\b
 Exit codes:
   0   success
-  1   `suppression check`: an address is not suppressed
+  1   `suppression check`: an address is not suppressed;
+      `audit verify`: the audit chain is broken
   2   usage error (unknown option, missing argument)
-  3   config or phrase-table error
+  3   config or phrase-table error; `config check`: the config has
+      problems
   4   an input file or mailbox cannot be read
   5   database error
   6   the IMAP server cannot be reached or refuses the login
   7   another `optout run` is in progress (the lock is held)
+  8   refused: `suppression remove` of an address with a deletion
+      tombstone (use --force)
   70  internal error (a bug: please report it)
   75  the database is busy: try again later
 """
@@ -37,6 +41,7 @@ class Context:
     """What every command gets: the settings, and the store and pipeline made from them on first use."""
 
     settings: Settings
+    config_path: str | None = None
     _store: object = None
     _pipeline: object = None
 
@@ -85,6 +90,10 @@ def now() -> datetime:
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, database: str | None) -> None:
     """Read the mail people send to privacy@ and act on it: opt-outs, access and deletion requests."""
+    if ctx.invoked_subcommand == "config":
+        # `config check` reports the problems of a config itself: it must not fail on loading it.
+        ctx.obj = Context(Settings(), config_path=config_path or os.environ.get("OPTOUT_CONFIG") or None)
+        return
     settings = load_settings(config_path)
     if database:
         settings = Settings(**{**settings.__dict__, "database": database})
@@ -247,25 +256,70 @@ def process(state: Context, paths: tuple[str, ...], mboxes: tuple[str, ...], mai
     click.echo(f"{suppressions} suppressions added, {requests} requests opened. Database: {state.settings.database}")
 
 
+def _since(value: str | None) -> datetime | None:
+    from optout.suppression import parse_since
+
+    if value is None:
+        return None
+    try:
+        return parse_since(value, now())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use a date (2026-11-01), an ISO time or an age (7d, 12h)",
+                                 param_hint="--since") from None
+
+
+def _scope(value: str | None) -> str | None:
+    from optout.suppression import scope_problem
+
+    if value is None:
+        return None
+    value = value.strip().lower()
+    problem = scope_problem(value)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--scope")
+    return value
+
+
+def _show_progress(quiet: bool = False) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
 @cli.group()
 def suppression() -> None:
-    """Inspect the suppression list."""
+    """Inspect and administer the suppression list: list, check, add, remove, import, export."""
 
 
 @suppression.command("list")
 @click.option("--scope", help="Only this scope (all, newsletters, partners, …).")
+@click.option("--since", metavar="DATE", help="Only suppressions since DATE (2026-11-01, an ISO time, or 7d).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON array.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row.")
 @click.pass_obj
-def suppression_list(state: Context, scope: str | None, as_json: bool) -> None:
+def suppression_list(state: Context, scope: str | None, since: str | None, as_json: bool, as_csv: bool) -> None:
     """List suppressed addresses, oldest first."""
-    rows = state.store.suppressions(scope)
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    if since is None:
+        rows = state.store.suppressions(scope)
+    else:
+        rows = [{k: r[k] for k in ("address", "display", "scope", "reason", "created_at")}
+                for r in state.store.suppression_rows(scope, _since(since))]
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False, indent=1))
         return
-    if not rows:
-        click.echo("The suppression list is empty.")
+    if as_csv:
+        import csv
+
+        writer = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
+        writer.writerow(["address", "display", "scope", "reason", "created_at"])
+        writer.writerows([r["address"] or "", r["display"] or "", r["scope"], r["reason"], r["created_at"]]
+                         for r in rows)
         return
-    click.echo(_table([[r["address"], r["scope"], r["reason"], r["created_at"]] for r in rows],
+    if not rows:
+        click.echo("The suppression list is empty." if since is None and scope is None
+                   else "No suppressions match.")
+        return
+    click.echo(_table([[r["address"] or "(hash only)", r["scope"], r["reason"], r["created_at"]] for r in rows],
                       ["address", "scope", "reason", "since"]))
     click.echo(f"\n{len(rows)} suppressions")
 
@@ -295,20 +349,374 @@ def suppression_check(state: Context, addresses: tuple[str, ...], as_json: bool)
         sys.exit(1)
 
 
+@suppression.command("add")
+@click.argument("addresses", nargs=-1, required=True)
+@click.option("--scope", required=True, help="The scope: all, newsletters, partners, …")
+@click.option("--reason", required=True, help="Why (kept with the row and in the audit log).")
+@click.option("--json", "as_json", is_flag=True, help="A JSON object: added and already suppressed addresses.")
+@click.pass_obj
+def suppression_add(state: Context, addresses: tuple[str, ...], scope: str, reason: str, as_json: bool) -> None:
+    """Suppress addresses in a scope, audited, in one transaction; addresses already there are left alone."""
+    from optout.model import normalise_address
+    from optout.suppression import address_problem
+
+    scope = _scope(scope)
+    if not reason.strip():
+        raise click.BadParameter("give a reason", param_hint="--reason")
+    for address in addresses:
+        problem = address_problem(address)
+        if problem:
+            raise InputError(problem)
+    entries = [(normalise_address(a), a.strip(), scope, reason.strip()) for a in dict.fromkeys(addresses)]
+    added = {row["address"] for row in state.store.add_suppressions(entries, now(), source="cli")}
+    present = [e[0] for e in entries if e[0] not in added]
+    if as_json:
+        click.echo(json.dumps({"scope": scope, "added": sorted(added), "already": present}, ensure_ascii=False))
+        return
+    for address, *_ in entries:
+        click.echo(f"{address}: {'suppressed' if address in added else 'already suppressed'} in {scope}")
+
+
+@suppression.command("remove")
+@click.argument("address")
+@click.option("--scope", required=True, help="The scope to remove the address from.")
+@click.option("--reason", required=True, help="Why (kept in the audit log).")
+@click.option("--force", is_flag=True, help="Remove it even though the address has a deletion tombstone.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON object: the rows removed.")
+@click.pass_obj
+def suppression_remove(state: Context, address: str, scope: str, reason: str, force: bool, as_json: bool) -> None:
+    """Let an address be mailed again in a scope, audited; a deletion tombstone refuses without --force."""
+    from optout.model import normalise_address
+    from optout.suppression import tombstone_refusal
+
+    scope = _scope(scope)
+    if not reason.strip():
+        raise click.BadParameter("give a reason", param_hint="--reason")
+    normal = normalise_address(address)
+    refuse = None if force else tombstone_refusal(normal)
+    removed = state.store.remove_suppression(normal, scope, reason.strip(), now(), refuse=refuse)
+    if as_json:
+        click.echo(json.dumps({"address": normal, "scope": scope, "removed": [
+            {k: r[k] for k in ("scope", "reason", "created_at")} for r in removed]}, ensure_ascii=False))
+        return
+    if removed:
+        click.echo(f"{normal}: no longer suppressed in {scope} (was: {removed[0]['reason']})")
+    else:
+        click.echo(f"{normal}: was not suppressed in {scope}; nothing changed")
+
+
+@suppression.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--scope", default="all", show_default=True, help="Scope for rows that do not name one.")
+@click.option("--reason", default="import", show_default=True, help="Reason for rows that do not give one.")
+@click.option("--json", "as_json", is_flag=True, help="The summary (and every invalid row) as a JSON object.")
+@click.pass_obj
+def suppression_import(state: Context, file: str, scope: str, reason: str, as_json: bool) -> None:
+    """Import addresses from FILE in one transaction; importing the same file twice changes nothing.
+
+    FILE is CSV with a header naming an email or address column (optional scope and reason columns),
+    JSON lines with an "email" or "address" key, or one address per line — detected from the first line.
+    Invalid rows are reported on stderr with their line numbers and skipped; the valid ones are applied.
+    """
+    from optout.suppression import Entry, read_import
+
+    scope = _scope(scope)
+    data = sys.stdin.buffer.read() if file == "-" else _read_file(Path(file))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{file}: not UTF-8 text (byte {error.start})") from None
+    lines = text.splitlines(keepends=True)
+    progress = click.progressbar(length=len(lines), label="reading", file=sys.stderr) if (
+        len(lines) > 10000 and _show_progress(as_json)) else None
+    entries, problems = [], []
+    for item in read_import(lines, scope, reason):
+        if isinstance(item, Entry):
+            entries.append((item.address, item.display, item.scope, item.reason))
+        else:
+            problems.append(item)
+        if progress is not None and (len(entries) + len(problems)) % 5000 == 0:
+            progress.update(item.line - progress.pos)
+    if progress is not None:
+        progress.update(len(lines) - progress.pos)
+        progress.render_finish()
+    added = state.store.add_suppressions(entries, now(), source=f"import {Path(file).name}")
+    summary = {"file": file, "rows": len(entries) + len(problems), "valid": len(entries), "added": len(added),
+               "already": len(entries) - len(added), "invalid": len(problems)}
+    if as_json:
+        click.echo(json.dumps({**summary, "problems": [{"line": p.line, "why": p.why} for p in problems]},
+                              ensure_ascii=False))
+        return
+    shown = problems if len(problems) <= 20 else problems[:20]
+    for problem in shown:
+        click.echo(f"{file}:{problem.line}: {problem.why}", err=True)
+    if len(problems) > len(shown):
+        lines_left = [p.line for p in problems[len(shown):]]
+        click.echo(f"{file}: … and {len(lines_left)} more invalid rows (lines {lines_left[0]}–{lines_left[-1]}; "
+                   f"--json lists them all)", err=True)
+    click.echo(f"{summary['rows']} rows: {summary['added']} suppressions added, {summary['already']} already there, "
+               f"{summary['invalid']} invalid (skipped).")
+
+
+@suppression.command("export")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "drop"]), default="csv", show_default=True,
+              help="csv: a header and one row per suppression; json: JSON lines; drop: the California DROP form "
+                   "(base64 of SHA-256 of the trimmed, lower-cased address), one per address, no addresses.")
+@click.option("--scope", help="Only this scope.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Write here, not to stdout.")
+@click.pass_obj
+def suppression_export(state: Context, fmt: str, scope: str | None, output: str | None) -> None:
+    """Export the suppression list; `--format drop` shares it without a single address."""
+    from optout.suppression import export_csv, export_drop, export_json
+
+    rows = state.store.suppression_rows(_scope(scope))
+    write = {"csv": export_csv, "json": export_json, "drop": export_drop}[fmt]
+    if output is None:
+        write(rows, click.get_text_stream("stdout"))
+        return
+    try:
+        with open(output, "w", encoding="utf-8", newline="") as out:
+            count = write(rows, out)
+    except OSError as error:
+        raise InputError(f"{output}: cannot write it ({error.strerror})") from None
+    click.echo(f"{count} {'hashes' if fmt == 'drop' else 'suppressions'} written to {output}", err=True)
+
+
+# ---------------------------------------------------------------- audit, stats, config
+
 @cli.command()
+@click.argument("address")
 @click.option("--json", "as_json", is_flag=True, help="A JSON object.")
 @click.pass_obj
-def stats(state: Context, as_json: bool) -> None:
-    """Count messages per kind, suppressions and requests."""
-    numbers = state.store.stats()
+def audit(state: Context, address: str, as_json: bool) -> None:
+    """Show everything that happened to ADDRESS in time order; `optout audit verify` checks the chain.
+
+    `audit verify` reports the first broken link of the hash-chained audit log: exit 0 when intact, 1 when not.
+    """
+    if address == "verify":
+        _audit_verify(state, as_json)
+        return
+    found = state.store.timeline(address)
+    events = _timeline_events(found)
+    if as_json:
+        click.echo(json.dumps({"address": found["address"], "address_hash": found["address_hash"], "events": events,
+                               "suppressions": found["suppressions"], "requests": found["requests"]},
+                              ensure_ascii=False, indent=1))
+        return
+    if not events:
+        click.echo(f"{found['address']}: nothing recorded")
+        return
+    click.echo(_table([[e["at"], e["event"], e["summary"][:100]] for e in events], ["at", "event", "what"]))
+    now_ = "; ".join(f"{r['scope']} ({r['reason']})" for r in found["suppressions"]) or "not suppressed"
+    click.echo(f"\n{found['address']}: {now_}; {len(found['requests'])} requests")
+
+
+def _timeline_events(found: dict) -> list[dict]:
+    # The audit log is the history; ledger rows it does not cover (older data) are added as messages.
+    events = []
+    ledger = {row["key"]: row for row in found["messages"]}
+    covered = set()
+    for row in found["audit"]:
+        detail = json.loads(row["detail"])
+        if row["event"] == "message" and row["message_key"] in ledger:
+            covered.add(row["message_key"])
+        events.append({"at": row["at"], "event": row["event"], "message_key": row["message_key"], "detail": detail,
+                       "summary": ", ".join(f"{k} {v}" for k, v in detail.items() if v not in (None, "", []))})
+    for key, row in ledger.items():
+        if key not in covered:
+            detail = {k: row[k] for k in ("source", "kind", "reason", "rule", "action")}
+            events.append({"at": row["received_at"], "event": "message", "message_key": key, "detail": detail,
+                           "summary": ", ".join(f"{k} {v}" for k, v in detail.items() if v)})
+    events.sort(key=lambda e: e["at"])  # stable: audit order within one second
+    return events
+
+
+def _audit_verify(state: Context, as_json: bool) -> None:
+    broken = state.store.verify_audit()
+    count = state.store.db.execute("SELECT count(*) FROM audit").fetchone()[0]
+    if as_json:
+        click.echo(json.dumps({"events": count, "intact": broken is None, "first_broken": broken}))
+    elif broken is None:
+        click.echo(f"audit log intact: {count} events, every link holds")
+    else:
+        click.echo(f"audit log BROKEN at event {broken} (of {count}): it or the one before it was changed")
+    if broken is not None:
+        sys.exit(1)
+
+
+BLOCKS = " ▏▎▍▌▋▊▉█"
+
+
+def _bar(value: int, largest: int, width: int = 30) -> str:
+    if not largest:
+        return ""
+    eighths = round(value * width * 8 / largest)
+    return "█" * (eighths // 8) + (BLOCKS[eighths % 8] if eighths % 8 else "")
+
+
+@cli.command()
+@click.option("--since", metavar="DATE", help="Only count from DATE (2026-11-01, an ISO time, or 7d).")
+@click.option("--json", "as_json", is_flag=True, help="A JSON object (with per-day counts under \"days\").")
+@click.pass_obj
+def stats(state: Context, since: str | None, as_json: bool) -> None:
+    """Count messages per kind and per day, suppressions and requests, with a chart of the days."""
+    numbers = state.store.stats(_since(since))
     if as_json:
         click.echo(json.dumps(numbers, indent=1))
         return
     click.echo(_table([[k, str(v)] for k, v in numbers["kinds"].items()], ["kind", "messages"]))
     if numbers["other_reasons"]:
         click.echo("  other: " + ", ".join(f"{v} {k}" for k, v in numbers["other_reasons"].items()))
+    days = list(numbers["days"].items())[-31:]
+    if days:
+        largest = max(d["messages"] for _, d in days)
+        click.echo()
+        rows = [[day, str(d["messages"]), _bar(d["messages"], largest),
+                 " ".join(f"{k} {d[k]}" for k in numbers["kinds"] if d.get(k))] for day, d in days]
+        click.echo(_table(rows, ["day", "messages", "", "kinds"]))
+        if len(numbers["days"]) > len(days):
+            click.echo(f"  (the last {len(days)} of {len(numbers['days'])} days; --since or --json for more)")
     click.echo(f"\n{numbers['messages']} messages, {numbers['suppressions']['total']} suppressions of "
                f"{numbers['suppressions']['addresses']} addresses, {numbers['requests']['total']} requests")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Check a config file."""
+
+
+@config_group.command("check")
+@click.argument("path", required=False)
+@click.option("--json", "as_json", is_flag=True, help="A JSON object: the file and its problems.")
+@click.pass_obj
+def config_check(state: Context, path: str | None, as_json: bool) -> None:
+    """Report every problem in a config at once (file, key, why); exit 0 when fine, 3 when not.
+
+    PATH defaults to --config or OPTOUT_CONFIG.
+    """
+    import tomllib
+
+    from optout.config import problems_in
+    from optout.errors import ConfigError
+
+    path = path or state.config_path
+    if not path:
+        raise click.UsageError("give a config file: optout config check PATH (or --config / OPTOUT_CONFIG)")
+    problems: list[str] = []
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"{path}: no such config file")
+    except (OSError, UnicodeDecodeError) as error:
+        problems.append(f"{path}: cannot read it ({error})")
+    except tomllib.TOMLDecodeError as error:
+        problems.append(f"{path}: not valid TOML ({error})")
+    else:
+        problems.extend(problems_in(table, path)[1])
+        if not problems:
+            try:  # what only loading shows: the environment and secret files
+                load_settings(path)
+            except ConfigError as error:
+                problems.append(str(error))
+    if as_json:
+        click.echo(json.dumps({"path": path, "ok": not problems, "problems": problems}, ensure_ascii=False))
+    elif problems:
+        for problem in problems:
+            click.echo(problem)
+        click.echo(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {path}", err=True)
+    else:
+        click.echo(f"{path}: no problems")
+    if problems:
+        sys.exit(3)
+
+
+# ---------------------------------------------------------------- scrub
+
+@cli.command()
+@click.argument("sendlist", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--column", default="email", show_default=True, help="The column holding the address.")
+@click.option("--scope", help="The send's scope: skip addresses suppressed in it or in all. "
+                              "Default: skip addresses suppressed in any scope.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write the clean list here (default: stdout).")
+@click.option("--json", "as_json", is_flag=True, help="The summary on stderr as a JSON object.")
+@click.pass_obj
+def scrub(state: Context, sendlist: str, column: str, scope: str | None, output: str | None, as_json: bool) -> None:
+    """Write SENDLIST.csv without its suppressed addresses: every other row and column, header included.
+
+    Addresses match normalised (trimmed, lower-cased, IDNA domain), and deletion tombstones that keep only a
+    DROP hash match by hash. The summary (kept / removed per reason) goes to stderr.
+    """
+    import csv
+
+    from optout.suppression import find_column, read_header, scopes_for, scrub_lines
+
+    scopes = scopes_for(_scope(scope))
+    try:
+        source = sys.stdin if sendlist == "-" else open(sendlist, encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise InputError(f"{sendlist}: no such file") from None
+    except OSError as error:
+        raise InputError(f"{sendlist}: cannot read it ({error.strerror})") from None
+    target = None
+    try:
+        size = os.fstat(source.fileno()).st_size if sendlist != "-" else 0
+        lines = iter(source)
+        try:
+            header_text, header, dialect = read_header(lines)
+            index = find_column(header, column)
+        except ValueError as error:
+            raise InputError(f"{sendlist}: {error}") from None
+        addresses = state.store.suppressed_addresses(scopes)
+        hashes = state.store.suppressed_hashes(scopes)
+        progress = None
+        if size > 1 << 20 and _show_progress(as_json):
+            progress = click.progressbar(length=size, label="scrubbing", file=sys.stderr)
+            lines = _counted(lines, progress)
+        try:
+            target = open(output, "w", encoding="utf-8", newline="") if output else None
+        except OSError as error:
+            raise InputError(f"{output}: cannot write it ({error.strerror})") from None
+        out = target or click.get_text_stream("stdout")
+        out.write(header_text)
+        try:
+            result = scrub_lines(lines, index, dialect, addresses, hashes, out.write)
+        except csv.Error as error:
+            raise InputError(f"{sendlist}: bad CSV ({error})") from None
+        except UnicodeDecodeError as error:
+            raise InputError(f"{sendlist}: not UTF-8 text ({error.reason})") from None
+        if progress is not None:
+            progress.update(size - progress.pos)
+            progress.render_finish()
+    finally:
+        if sendlist != "-":
+            source.close()
+        if target is not None:
+            target.close()
+    summary = result.as_dict()
+    if as_json:
+        click.echo(json.dumps({"scope": scope, **summary}, ensure_ascii=False), err=True)
+        return
+    reasons = ", ".join(f"{count} {reason}" for reason, count in result.reasons.most_common())
+    click.echo(f"{result.kept + result.removed} rows: {result.kept} kept, {result.removed} removed"
+               f"{f' ({reasons})' if reasons else ''}"
+               f"{f'; {result.blank} row{_s(result.blank)} without an address kept' if result.blank else ''}"
+               f"{f'; written to {output}' if output else ''}.", err=True)
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
+def _counted(lines, progress):
+    # Moves the bar by the characters read: close enough to bytes for a bar.
+    step = 0
+    for line in lines:
+        step += len(line)
+        if step > 1 << 18:
+            progress.update(step)
+            step = 0
+        yield line
 
 
 @cli.command()
@@ -337,7 +745,7 @@ def run(ctx: click.Context, once: bool, dry_run: bool, as_json: bool) -> None:
             message = "No IMAP mailbox configured (OPTOUT_IMAP_URL or [imap] url): nothing to fetch."
         else:
             intake = Intake(state.store, state.pipeline, clock=now, dry_run=dry_run)
-            from optout.process import Examiner
+            from optout.examiner import Examiner
 
             def examiner():
                 return Examiner(settings.lexicon_dir, settings.unsubscribe_addresses)

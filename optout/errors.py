@@ -5,7 +5,8 @@
     ├── LexiconError            a phrase table does not load (3)
     ├── InputError              a file or mailbox given to the CLI cannot be read (4)
     ├── StoreError              the database cannot be used (5)
-    │   └── TransientError      try again later: the database is busy or locked (75, EX_TEMPFAIL)
+    │   ├── TransientError      try again later: the database is busy or locked (75, EX_TEMPFAIL)
+    │   └── RefusedError        a change the rows forbid: a deletion tombstone without --force (8)
     ├── MailboxError            the IMAP server cannot be reached or refuses us (6)
     └── LockedError             another `optout run` holds the lock (7)
 
@@ -47,6 +48,12 @@ class TransientError(StoreError):
     """A failure that goes away by itself: try again later."""
 
     exit_code = 75
+
+
+class RefusedError(StoreError):
+    """A change the store will not make: the rows it would touch forbid it."""
+
+    exit_code = 8
 
 
 class MailboxError(OptoutError):

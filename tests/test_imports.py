@@ -8,8 +8,8 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "optout"
 
-CORE = frozenset({"model", "parse", "text", "classify", "lexicon", "policy", "tokens", "replies"})
-SHELL = frozenset({"store", "config", "process", "sources", "outbox", "signing", "daemon", "cli"})
+CORE = frozenset({"model", "parse", "text", "classify", "lexicon", "policy", "tokens", "replies", "suppression"})
+SHELL = frozenset({"store", "config", "process", "examiner", "sources", "outbox", "signing", "daemon", "cli"})
 EVERYTHING = CORE | SHELL | {"errors"}
 
 # Which optout modules each module may import (by first name under optout/), from DESIGN.md.
@@ -22,6 +22,7 @@ ALLOWED_INTERNAL = {
     "sources": frozenset({"process", "store", "model", "errors"}),
     "outbox": frozenset({"process", "store", "model", "errors"}),
     "signing": frozenset({"errors"}),
+    "examiner": CORE | {"errors"},
     "daemon": EVERYTHING - {"cli"},
     # The CLI is the entry point of everything, `optout run` (the daemon) included; nothing imports the CLI.
     "cli": EVERYTHING,
