@@ -43,6 +43,7 @@ bench: install test-deps
 	$(BIN)/python bench/classify.py
 	$(BIN)/python bench/smtp_ingest.py
 	$(BIN)/python bench/imap_backlog.py
+	$(BIN)/python bench/scrub.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache
