@@ -825,6 +825,43 @@ def outbox_purge(state: Context, purge_sent: bool, purge_failed: bool, older_tha
 
 
 @cli.command()
+@click.argument("address")
+@click.option("--list", "list_name", required=True, help="The list (the scope the token unsubscribes from).")
+@click.option("--json", "as_json", is_flag=True, help="The headers and the token as a JSON object.")
+@click.pass_obj
+def headers(state: Context, address: str, list_name: str, as_json: bool) -> None:
+    """Print List-Unsubscribe and List-Unsubscribe-Post (RFC 2369, 8058) for ADDRESS on a list.
+
+    The mailto: goes to unsubscribe+TOKEN@ the [tokens] domain, the https: URL to the [tokens] url; TOKEN is an
+    HMAC over address, list and day with the key from OPTOUT_TOKEN_KEY or [tokens] key_file.
+    """
+    from optout.config import ConfigError
+    from optout.model import normalise_address
+    from optout.suppression import scope_problem
+    from optout.tokens import make_token
+
+    settings = state.settings
+    if not settings.token_key:
+        raise ConfigError("no token key: set OPTOUT_TOKEN_KEY or [tokens] key_file")
+    if "@" not in address:
+        raise InputError(f"{address!r} is not an address")
+    problem = scope_problem(list_name)
+    if problem:
+        raise click.UsageError(f"--list {list_name!r}: {problem}")
+    moment = now()
+    token = make_token(settings.token_key, address, list_name, moment.date())
+    state.store.remember_token(token, address, list_name, moment)
+    mailto = f"mailto:unsubscribe+{token}@{settings.unsubscribe_domain}?subject=unsubscribe"
+    url = settings.unsubscribe_url.rstrip("/") + "/" + token
+    lines = {"List-Unsubscribe": f"<{mailto}>, <{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    if as_json:
+        click.echo(json.dumps({"address": normalise_address(address), "list": list_name, "token": token, **lines}))
+        return
+    for name, value in lines.items():
+        click.echo(f"{name}: {value}")
+
+
+@cli.command()
 @click.pass_obj
 def daemon(state: Context) -> None:
     """Run the SMTP endpoint and the IMAP watcher until SIGTERM or SIGINT."""

@@ -38,6 +38,10 @@ class Settings:
     imap_batch_size: int = 500
     imap_poll_seconds: int = 60
     workers: int = 1
+    token_key_file: str | None = None
+    token_max_age_days: int = 365
+    unsubscribe_domain: str = "example.com"
+    unsubscribe_url: str = "https://example.com/u/"
     smtp_listen: str = "127.0.0.1:2525"
     smtp_lmtp: bool = False
     smtp_max_message_bytes: int = 10 * 1024 * 1024
@@ -60,6 +64,7 @@ class Settings:
     source: str = field(default="embedded defaults", compare=False)
     imap_password: str | None = field(default=None, repr=False, compare=False)
     relay_password: str | None = field(default=None, repr=False, compare=False)
+    token_key: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def sender(self) -> str:
@@ -109,6 +114,12 @@ SCHEMA: dict[str, dict[str, tuple[str, type, str | None]]] = {
         "poll_seconds": ("imap_poll_seconds", int, "positive"),
     },
     "processing": {"workers": ("workers", int, "non-negative")},
+    "tokens": {
+        "key_file": ("token_key_file", str, None),
+        "max_age_days": ("token_max_age_days", int, "positive"),
+        "domain": ("unsubscribe_domain", str, None),
+        "url": ("unsubscribe_url", str, None),
+    },
     "smtp": {
         "listen": ("smtp_listen", str, "host-port"),
         "lmtp": ("smtp_lmtp", bool, None),
@@ -282,6 +293,9 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
             raise ConfigError("OPTOUT_RELAY_URL must start with smtp://, smtps:// or smtp+starttls://")
         values["relay_url"] = environ["OPTOUT_RELAY_URL"]
     values["imap_password"] = _imap_password(values, environ)
+    key = _secret(environ.get("OPTOUT_TOKEN_KEY"), values.get("token_key_file") or environ.get("OPTOUT_TOKEN_KEY_FILE"),
+                  "token key file")
+    values["token_key"] = key.encode("utf-8") if key else None
     values["relay_password"] = _secret(environ.get("OPTOUT_RELAY_PASSWORD"),
                                        values.get("relay_password_file") or environ.get("OPTOUT_RELAY_PASSWORD_FILE"),
                                        "relay password file")

@@ -44,7 +44,9 @@ def make_pipeline(settings: Settings) -> Pipeline:
                   request_days=settings.request_days, child_request_days=settings.child_request_days,
                   reply_to_other=settings.reply_to_other, daily_reply_cap=settings.daily_reply_cap)
     templates = template_environment(Path(settings.templates_dir) if settings.templates_dir else None)
-    return Pipeline(lexicon, settings.unsubscribe_addresses, rules, templates, settings.sender, settings.organisation)
+    return Pipeline(lexicon, settings.unsubscribe_addresses, rules, templates=templates, reply_from=settings.sender,
+                    organisation=settings.organisation, token_key=settings.token_key,
+                    token_max_age_days=settings.token_max_age_days)
 
 
 def make_transport(settings: Settings):

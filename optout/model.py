@@ -165,7 +165,7 @@ class Suppress:
 
     address: str
     display: str
-    scope: Scope
+    scope: Scope | str  # a Scope, or the name of one list (from a signed unsubscribe token)
     reason: str
 
 
@@ -194,6 +194,16 @@ class Reply:
     reference: str = ""
     due_at: datetime | None = None
     flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenMatch:
+    """An unsubscribe token in a recipient address, checked: for which address and list, and its verdict."""
+
+    token: str
+    status: str  # valid | forged | expired | unknown | malformed
+    address: str | None = None
+    list_name: str | None = None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import base64
 import hashlib
 
 from optout.model import (Classification, Decision, History, Kind, Message, OpenRequest, Reply, Scope, Suppress,
-                          normalise_address)
+                          TokenMatch, normalise_address)
 
 DAEMON_LOCAL_PARTS = frozenset({"mailer-daemon", "postmaster", "mail-daemon", "maildaemon", "mailerdaemon",
                                 "mail-delivery-system", "noreply", "no-reply", "no_reply", "donotreply",
@@ -102,15 +102,22 @@ def complainant(message: Message) -> str | None:
 
 
 def decide(message: Message, classification: Classification, history: History, now: datetime,
-           rules: Rules = Rules()) -> Decision:
+           rules: Rules = Rules(), token: TokenMatch | None = None) -> Decision:
     """Decide the effects of one message.
 
     - opt-out: suppress the sender in each scope not already suppressed (`all` covers every scope);
     - access: open a request, unless one of that kind is open already;
     - deletion: suppress the sender (`all`) at once and open a request;
     - an ARF complaint: suppress the complaining recipient (`all`, reason complaint);
+    - mail to unsubscribe+TOKEN@ with a valid token: suppress the token's address on the token's list, whoever
+      sent it (forwarding, aliases), unless the words ask for something else; a forged, expired or unknown
+      token acts for nobody, and the mail is judged on its words like any other;
     - anything else: no effect.
     """
+    if token is not None and token.status == "valid" and (
+            classification.kind is Kind.OPT_OUT
+            or (classification.kind is Kind.OTHER and classification.reason in ("unclear", "empty", "question"))):
+        return _token_decision(message, classification, token)
     may_reply, no_reply_reason = may_auto_reply(message, classification, rules.own_addresses)
     if may_reply and classification.kind is Kind.OTHER and not rules.reply_to_other:
         may_reply, no_reply_reason = False, "replies to other are off"
@@ -156,6 +163,13 @@ def decide(message: Message, classification: Classification, history: History, n
         return Decision("nothing", notes=notes or ("already suppressed",), **reply)
     action = "+".join(a for a, present in (("suppress", suppressions), ("open-request", requests)) if present)
     return Decision(action, suppressions, requests, notes=notes, **reply)
+
+
+def _token_decision(message: Message, classification: Classification, token: TokenMatch) -> Decision:
+    """Suppress the token's address on the token's list; a confirmation only goes to that same address."""
+    suppression = Suppress(token.address, token.address, token.list_name, "list-unsubscribe")
+    quiet = dict(may_reply=False, no_reply_reason="unsubscribed by token")
+    return Decision("suppress", (suppression,), notes=(f"token for list {token.list_name}",), **quiet)
 
 
 def _reply(message: Message, classification: Classification, history: History, rules: Rules,

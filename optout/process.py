@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from optout.classify import classify
-from optout.lexicon import Lexicon
+from optout.classify import classify, is_unsubscribe_address
 from optout.errors import StoreError
-from optout.model import Classification, Decision, Kind, Message
+from optout.lexicon import Lexicon
+from optout.model import Classification, Decision, Kind, Message, TokenMatch
 from optout.parse import parse_message
 from optout.policy import Rules, decide
 from optout.replies import Rendered, render_reply
 from optout.store import Store
+from optout.tokens import TOKEN_LENGTH, verify_token
 
 
 log = logging.getLogger("optout.process")
@@ -30,6 +31,8 @@ class Pipeline:
     templates: object = None  # a Jinja2 environment; None: no replies are rendered
     reply_from: str = "privacy@example.com"
     organisation: str = ""
+    token_key: bytes | None = field(default=None, repr=False)  # signs unsubscribe tokens; None: tokens act for nobody
+    token_max_age_days: int = 365
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,9 @@ def complete(message: Message, classification: Classification, source: str, stor
     if store.seen(message.key):
         decision = Decision("duplicate", notes=("already in the ledger",))
         return Outcome(message.key, source, True, message, classification, decision)
-    history = store.history(message.sender, now)
-    decision = decide(message, classification, history, now, pipeline.rules)
+    token = check_token(message, store, pipeline, now)
+    history = store.history(token.address if token and token.status == "valid" else message.sender, now)
+    decision = decide(message, classification, history, now, pipeline.rules, token)
     rendered = None
     if decision.reply is not None and pipeline.templates is not None:
         try:
@@ -81,6 +85,26 @@ def complete(message: Message, classification: Classification, source: str, stor
     recorded = store.record(message, classification, decision, source, now, rendered)
     return Outcome(message.key, source, recorded.duplicate, message, classification, decision, recorded.request_ids,
                    None if recorded.duplicate else rendered)
+
+
+def check_token(message: Message, store: Store, pipeline: Pipeline, now: datetime) -> TokenMatch | None:
+    """Find an unsubscribe token in a recipient (unsubscribe+TOKEN@…) and check it; audit one that fails."""
+    candidates = [a.rpartition("@")[0].partition("+")[2] for a in message.all_recipients
+                  if is_unsubscribe_address(a, pipeline.unsubscribe_addresses) and "+" in a.rpartition("@")[0]]
+    candidates = [c for c in candidates if len(c) == TOKEN_LENGTH]
+    if not candidates:
+        return None
+    token = candidates[0].lower()
+    mapping = store.token(token)
+    if mapping is None or not pipeline.token_key:
+        match = TokenMatch(token, "unknown")
+    else:
+        address, list_name = mapping
+        verdict = verify_token(pipeline.token_key, token, address, list_name, now.date(), pipeline.token_max_age_days)
+        match = TokenMatch(token, verdict.status, address, list_name)
+    if match.status != "valid":
+        store.audit_event("token.invalid", message.sender, message.key, {"status": match.status}, now)
+    return match
 
 
 def record_failure(raw: bytes, source: str, store: Store, now: datetime, error: BaseException) -> Outcome:

@@ -162,7 +162,18 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX suppressions_created_at ON suppressions(created_at)")
 
 
-MIGRATIONS = (_migration_1, _migration_2, _migration_3, _migration_4)
+def _migration_5(db: sqlite_utils.Database) -> None:
+    # The addresses behind the unsubscribe tokens we issued (a token carries only a day and a MAC).
+    db.execute("""
+        CREATE TABLE tokens (
+            token TEXT PRIMARY KEY,
+            address TEXT NOT NULL,
+            list TEXT NOT NULL,
+            issued_at TEXT NOT NULL
+        )""")
+
+
+MIGRATIONS = (_migration_1, _migration_2, _migration_3, _migration_4, _migration_5)
 
 
 @dataclass(frozen=True)
@@ -275,12 +286,12 @@ class Store:
                 inserted = self.db.execute(
                     """INSERT INTO suppressions (address, address_hash, display, scope, reason, source_key, created_at)
                        VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, scope) DO NOTHING""",
-                    [effect.address, drop_hash(effect.address), effect.display, effect.scope.value, effect.reason,
+                    [effect.address, drop_hash(effect.address), effect.display, str(effect.scope), effect.reason,
                      key, at]).rowcount
                 if inserted:
                     added += 1
                     self._audit(at, "suppression.add", effect.address, key,
-                                {"scope": effect.scope.value, "reason": effect.reason})
+                                {"scope": str(effect.scope), "reason": effect.reason})
             request_ids = []
             for effect in decision.requests:
                 cursor = self.db.execute(
@@ -389,6 +400,26 @@ class Store:
         marks = ",".join("?" for _ in statuses)
         return self.db.execute(f"DELETE FROM outbox WHERE status IN ({marks}) AND created_at < ?",
                                [*statuses, _iso(before)]).rowcount
+
+    def remember_token(self, token: str, address: str, list_name: str, now: datetime) -> None:
+        """Keep which address and list a token was issued for (issuing the same token again changes nothing)."""
+        self.db.execute("INSERT INTO tokens (token, address, list, issued_at) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (token) DO NOTHING", [token, normalise_address(address), list_name, _iso(now)])
+
+    def token(self, token: str) -> tuple[str, str] | None:
+        """Return the (address, list) a token was issued for, or None."""
+        row = self.db.execute("SELECT address, list FROM tokens WHERE token = ?", [token.lower()]).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def audit_event(self, event: str, address: str | None, key: str | None, detail: dict, now: datetime) -> None:
+        """Append one event to the audit log in its own transaction."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self._audit(_iso(now), event, address, key, detail)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def checkpoint(self, source: str) -> tuple[int, int] | None:
         """Return the (UIDVALIDITY, last UID) a mailbox source has reached, or None."""

@@ -276,3 +276,15 @@ def test_two_instances_that_answer_each_other_do_not_loop(tmp_path):
             proc.wait(20)
             log.close()
     assert a.returncode == 0 and b.returncode == 0
+
+
+def test_the_pipeline_the_commands_build_queues_replies(tmp_path):
+    from optout.config import Settings
+    from optout.daemon import make_pipeline
+
+    pipeline = make_pipeline(Settings(organisation="Example Ltd"))
+    with Store(tmp_path / "cli.db") as store:
+        outcome = process(make_mail("Please unsubscribe me."), "smtp", store, pipeline, NOW)
+        assert outcome.reply is not None
+        assert b"From: Example Ltd <privacy@example.com>" in outcome.reply.raw
+        assert [row["status"] for row in store.outbox()] == ["queued"]
