@@ -9,14 +9,16 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
 
 .PHONY: install run test bench clean test-deps
 
-# System packages the tests use: a real Dovecot for IMAP and swaks as a real SMTP client.
+# System packages the tests use: a real Dovecot for IMAP, swaks as a real SMTP client, and Chromium to look
+# at the one-click page.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TEST_PACKAGES := dovecot-imapd swaks chromium
 test-deps:
-	@command -v dovecot >/dev/null && command -v swaks >/dev/null || { \
-		echo "installing dovecot-imapd and swaks"; \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dovecot-imapd swaks >/dev/null 2>&1 || { \
+	@command -v dovecot >/dev/null && command -v swaks >/dev/null && command -v chromium >/dev/null || { \
+		echo "installing $(TEST_PACKAGES)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(TEST_PACKAGES) >/dev/null 2>&1 || { \
 		$(SUDO) apt-get update -q >/dev/null && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dovecot-imapd swaks >/dev/null; }; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(TEST_PACKAGES) >/dev/null; }; }
 
 install: $(VENV)/.installed
 

@@ -42,6 +42,7 @@ class Settings:
     token_max_age_days: int = 365
     unsubscribe_domain: str = "example.com"
     unsubscribe_url: str = "https://example.com/u/"
+    web_listen: str | None = None
     smtp_listen: str = "127.0.0.1:2525"
     smtp_lmtp: bool = False
     smtp_max_message_bytes: int = 10 * 1024 * 1024
@@ -114,6 +115,7 @@ SCHEMA: dict[str, dict[str, tuple[str, type, str | None]]] = {
         "poll_seconds": ("imap_poll_seconds", int, "positive"),
     },
     "processing": {"workers": ("workers", int, "non-negative")},
+    "web": {"listen": ("web_listen", str, "host-port")},
     "tokens": {
         "key_file": ("token_key_file", str, None),
         "max_age_days": ("token_max_age_days", int, "positive"),
@@ -288,6 +290,9 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
     if environ.get("OPTOUT_SMTP_LISTEN"):
         parse_listen(environ["OPTOUT_SMTP_LISTEN"], "OPTOUT_SMTP_LISTEN")
         values["smtp_listen"] = environ["OPTOUT_SMTP_LISTEN"]
+    if environ.get("OPTOUT_WEB_LISTEN"):
+        parse_listen(environ["OPTOUT_WEB_LISTEN"], "OPTOUT_WEB_LISTEN")
+        values["web_listen"] = environ["OPTOUT_WEB_LISTEN"]
     if environ.get("OPTOUT_RELAY_URL"):
         if urlsplit(environ["OPTOUT_RELAY_URL"]).scheme not in ("smtp", "smtps", "smtp+starttls"):
             raise ConfigError("OPTOUT_RELAY_URL must start with smtp://, smtps:// or smtp+starttls://")

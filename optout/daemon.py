@@ -216,6 +216,21 @@ class Daemon:
             raise StoreError(f"cannot listen on {s.smtp_listen}: {error.strerror or error}") from None
         self.address = self.server.sockets[0].getsockname()[:2]
         log.info("%s endpoint listening on %s:%s", "LMTP" if s.smtp_lmtp else "SMTP", *self.address)
+        self.web_runner = None
+        if s.web_listen:
+            from optout.sources.web import make_app, start_web
+
+            async def on_writer(method, token: str):
+                match = await loop.run_in_executor(self.writer, method, token)
+                return match.status, match.address, match.list_name
+
+            app = make_app(partial(on_writer, self.intake.check_token), partial(on_writer, self.intake.unsubscribe_token))
+            web_host, web_port = parse_listen(s.web_listen)
+            try:
+                self.web_runner, self.web_address = await start_web(app, web_host, web_port)
+            except OSError as error:
+                raise StoreError(f"cannot listen on {s.web_listen}: {error.strerror or error}") from None
+            log.info("one-click endpoint listening on http://%s:%s/u/", *self.web_address)
         self.outbox_thread = threading.Thread(target=self._outbox_loop, name="optout-outbox", daemon=True)
         self.outbox_thread.start()
         imap = settings_for_imap(s)
@@ -252,6 +267,8 @@ class Daemon:
         self.stopping.set()
         if self.server is not None:
             self.server.close()
+        if getattr(self, "web_runner", None) is not None:
+            await self.web_runner.cleanup()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.in_flight and loop.time() < deadline:

@@ -175,6 +175,27 @@ class Intake:
                       type(error).__name__, str(error)[:200])
             return record_failure(raw, source, self.store, now, error)
 
+    def check_token(self, token: str) -> TokenMatch:
+        """Look a token up and verify it, writing nothing (what the one-click page shows)."""
+        token = token.strip().lower()
+        mapping = self.store.token(token) if len(token) == TOKEN_LENGTH else None
+        if mapping is None or not self.pipeline.token_key:
+            return TokenMatch(token, "unknown" if len(token) == TOKEN_LENGTH else "malformed")
+        address, list_name = mapping
+        verdict = verify_token(self.pipeline.token_key, token, address, list_name, self.clock().date(),
+                               self.pipeline.token_max_age_days)
+        return TokenMatch(token, verdict.status, address, list_name)
+
+    def unsubscribe_token(self, token: str) -> TokenMatch:
+        """Unsubscribe a valid token's address from its list (RFC 8058 one-click); audit a token that fails."""
+        match = self.check_token(token)
+        now = self.clock()
+        if match.status == "valid":
+            self.store.add_suppressions([(match.address, match.address, match.list_name, "one-click")], now, "web")
+        else:
+            self.store.audit_event("token.invalid", None, None, {"status": match.status, "source": "web"}, now)
+        return match
+
     def checkpoint(self, source: str) -> tuple[int, int] | None:
         """Return how far a mailbox source has got."""
         return self.store.checkpoint(source)

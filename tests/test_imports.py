@@ -37,6 +37,7 @@ ALLOWED_THIRD_PARTY = {
     "cli": {"click"},
     "sources.imap": {"imapclient"},
     "sources.smtp": {"aiosmtpd"},
+    "sources.web": {"aiohttp"},
     "signing": {"dkim"},
 }
 
