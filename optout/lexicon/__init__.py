@@ -522,7 +522,10 @@ def _cached(directory: Path) -> Lexicon:
     digest = hashlib.sha256(f"{CACHE_FORMAT}".encode())
     for path in sorted(directory.glob("*.toml")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optout"
+    try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optout"
+    except RuntimeError:  # no home directory at all: compile every time
+        return _load(directory, None)
     cache = root / f"lexicon-{digest.hexdigest()[:24]}.pickle"
     try:
         return pickle.loads(cache.read_bytes())
