@@ -198,6 +198,8 @@ def run_optout(mailbox, workdir: Path, total: int) -> dict:
     database = workdir / "optout.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPTOUT_")}
     env.update(mailbox.env(), OPTOUT_DATABASE=str(database))
+    if os.environ.get("OPTOUT_CONFIG"):  # e.g. a config with [processing] workers = 0, to compare
+        env["OPTOUT_CONFIG"] = os.environ["OPTOUT_CONFIG"]
     script = Path(sys.executable).with_name("optout")
     command = [str(script)] if script.exists() else [sys.executable, "-c", "from optout.cli import main; main()"]
     milestones = sorted({max(1, total // 4), max(1, total // 2), total})

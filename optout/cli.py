@@ -748,9 +748,10 @@ def run(ctx: click.Context, once: bool, dry_run: bool, as_json: bool) -> None:
             from optout.examiner import Examiner
 
             def examiner():
-                return Examiner(settings.lexicon_dir, settings.unsubscribe_addresses)
+                return Examiner(settings.lexicon_dir, settings.unsubscribe_addresses, workers=settings.workers)
 
-            summary = drain(imap, intake, on_outcome=log_outcome, examiner_factory=examiner)
+            summary = drain(imap, intake, on_outcome=log_outcome,
+                            examiner_factory=examiner if settings.workers > 0 else None)
             kinds = ", ".join(f"{v} {k}" for k, v in sorted(summary.kinds.items())) or "nothing new"
             verb = "would move" if dry_run else "moved"
             message = (f"{summary.seen} messages in {imap.folder}: {summary.processed} new ({kinds}), "
