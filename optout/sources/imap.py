@@ -195,7 +195,11 @@ class ImapSource:
                     break
                 raw = fetched[uid][b"BODY[]"]
                 if results is not None:
-                    outcome = self.sink.submit_examined(raw, next(results), "imap")
+                    try:
+                        examined = next(results)
+                    except Exception as error:  # a worker died: this message (and the rest) in-process
+                        examined = error
+                    outcome = self.sink.submit_examined(raw, examined, "imap")
                 else:
                     outcome = self.sink.submit(raw, "imap", keep_failures=True)
                 summary.seen += 1
