@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from email.charset import QP, Charset
@@ -43,7 +44,9 @@ def template_environment(override: Path | None = None) -> jinja2.Environment:
     """
     loaders = [jinja2.FileSystemLoader(str(override))] if override else []
     loaders.append(jinja2.FileSystemLoader(str(SHIPPED)))
+    # auto_reload=False: templates are read once per process, not stat()ed at every reply.
     return jinja2.Environment(loader=jinja2.ChoiceLoader(loaders), autoescape=jinja2.select_autoescape(["html"]),
+                              auto_reload=False,
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
                               lstrip_blocks=True)
 
@@ -53,13 +56,22 @@ def header_safe(text: str | None, limit: int = 200) -> str:
     return " ".join(_CONTROL.sub(" ", text or "").split())[:limit]
 
 
+_PICKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _pick(env: jinja2.Environment, name: str, language: str, suffix: str) -> jinja2.Template | None:
-    for candidate in (language, FALLBACK_LANGUAGE):
-        try:
-            return env.get_template(f"{name}.{candidate}.{suffix}")
-        except jinja2.TemplateNotFound:
-            continue
-    return None
+    # Remembered per environment: a missing language would otherwise cost a failed lookup at every reply.
+    picks = _PICKS.setdefault(env, {})
+    key = (name, language, suffix)
+    if key not in picks:
+        picks[key] = None
+        for candidate in (language, FALLBACK_LANGUAGE):
+            try:
+                picks[key] = env.get_template(f"{name}.{candidate}.{suffix}")
+                break
+            except jinja2.TemplateNotFound:
+                continue
+    return picks[key]
 
 
 def _block(template: jinja2.Template, block: str, context: dict) -> str:
