@@ -49,6 +49,7 @@ class Reading:
     language: str | None
     has_question: bool
     subject_replied: bool
+    question_ends: frozenset[int] = frozenset()
 
     @property
     def subject_tokens(self) -> list[str]:
@@ -84,11 +85,13 @@ def read_person(message: Message, lexicon: Lexicon) -> Reading:
     body = _cut_at_name(strip_signature(strip_quoted(message.text, lexicon.markers)), message.sender_display)
     subject, replied = strip_reply_prefix(message.subject)
     subject_tokens = tokenise(subject)
-    body_tokens, body_lines = tokenise_lines(body[:MAX_BODY_CHARS])
+    body_questions: set[int] = set()
+    body_tokens, body_lines = tokenise_lines(body[:MAX_BODY_CHARS], body_questions)
     del body_tokens[MAX_TOKENS:], body_lines[MAX_TOKENS:]
     tokens = subject_tokens + [STOP] + body_tokens
     offset = len(subject_tokens) + 1
     line_of = [-1] * offset + body_lines
+    question_ends = {offset + index for index in body_questions}
     found = lexicon.phrases.find(tokens)
     dropped = {line for m in found if m.phrase.category in ("footer", "signature")
                for line in range(line_of[m.start], line_of[m.end - 1] + 1) if line >= 0}
@@ -105,13 +108,14 @@ def read_person(message: Message, lexicon: Lexicon) -> Reading:
             if start >= 0 and last >= 0 and last - start == sum(1 for p in position[m.start:m.end] if p >= 0) - 1:
                 moved.append(Match(m.phrase, start, last + 1))
         tokens, found = kept, moved
+        question_ends = {position[index] for index in question_ends if position[index] >= 0}
     matches: dict[str, list[Match]] = {}
     for m in found:
         matches.setdefault(m.phrase.category, []).append(m)
     words = [t for t in tokens[offset:] if t not in SENTINELS] or [t for t in subject_tokens if t not in SENTINELS]
     language = guess_language(words[:400], lexicon.stopwords, lexicon.scripts)
     asks = "?" in body or "？" in body or any(m.start > len(subject_tokens) for m in matches.get("other.question", ()))
-    return Reading(tokens, len(subject_tokens), matches, language, asks, replied)
+    return Reading(tokens, len(subject_tokens), matches, language, asks, replied, frozenset(question_ends))
 
 
 def _cut_at_name(body: str, display: str | None) -> str:
@@ -199,6 +203,27 @@ def is_negated(tokens: list[str], match: Match, lexicon: Lexicon, language: str 
         after = _window_after(tokens, match.end, reach, contrast)
         return any(_contains(after, negation) for words in after_words for negation in words)
     return False
+
+
+def is_hypothetical(reading: Reading, match: Match, lexicon: Lexicon) -> bool:
+    """Say whether a phrase sits in a conditional question: "If I unsubscribe, do I lose my points?".
+
+    The sentence must end in a question mark and hold a conditional word of the phrase's or the message's
+    language before the phrase (or, in Japanese, just after it: 退会したら).
+    """
+    tokens = reading.tokens
+    end = match.end
+    while end < len(tokens) and tokens[end] != STOP:
+        end += 1
+    if end not in reading.question_ends:
+        return False
+    start = match.start
+    while start > 0 and tokens[start - 1] != STOP:
+        start -= 1
+    languages = {match.phrase.language, reading.language} - {None}
+    words = [w for lang in languages for w in lexicon.conditional.get(lang, ())]
+    around = [t for t in tokens[start:match.start] + tokens[match.end:match.end + 4] if t not in SENTINELS]
+    return any(_contains(around, word) for word in words)
 
 
 def _span(tokens: list[str], match: Match) -> str:
@@ -354,6 +379,8 @@ def classify(message: Message, lexicon: Lexicon, unsubscribe_addresses: tuple[st
             continue  # a "Re:" subject is the subject of our own mail, not the person's words
         if is_negated(tokens, match, lexicon, reading.language):
             negated.append(match)
+        elif match.phrase.category.startswith(("opt-out", "deletion.erasure")) and is_hypothetical(reading, match, lexicon):
+            negated.append(match)  # asked about, not asked for
         else:
             positive.setdefault(match.phrase.category, []).append(match)
     language = reading.language or next((m.phrase.language for ms in positive.values() for m in ms), None)

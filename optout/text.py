@@ -63,8 +63,11 @@ def tokenise(text: str) -> list[str]:
     return tokenise_lines(text)[0]
 
 
-def tokenise_lines(text: str) -> tuple[list[str], list[int]]:
-    """Tokenise like `tokenise`, and return beside each token the number of the line it is on."""
+def tokenise_lines(text: str, questions: set[int] | None = None) -> tuple[list[str], list[int]]:
+    """Tokenise like `tokenise`, and return beside each token the number of the line it is on.
+
+    With `questions`, the positions of the sentence ends that were question marks are added to it.
+    """
     tokens: list[str] = []
     lines: list[int] = []
     append, mark = tokens.append, lines.append
@@ -83,6 +86,8 @@ def tokenise_lines(text: str) -> tuple[list[str], list[int]]:
             if tokens and tokens[-1] != STOP:
                 append(STOP)
                 mark(line)
+            if questions is not None and tokens and ("?" in match.group() or "？" in match.group()):
+                questions.add(len(tokens) - 1)
             line += match.group().count("\n")
         elif group == "comma":
             append(COMMA)

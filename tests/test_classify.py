@@ -205,3 +205,21 @@ def test_a_plain_text_read_receipt_is_machine_mail(lexicon):
     assert (result.kind, result.reason, result.machine) == (Kind.OTHER, "receipt", True)
     # A person whose subject merely starts with a word like it is not a receipt.
     assert judge(lexicon, "Please delete my account and all my data.", "Re: delete").kind is Kind.DELETION
+
+
+@pytest.mark.parametrize("body", [
+    "If I unsubscribe, do I lose my loyalty points?",
+    "Wenn ich mich abmelde, verliere ich dann meine Punkte?",
+    "Si je me désinscris, est-ce que je perds mes points ?",
+    "如果我退订，积分还在吗？",
+    "退会したらポイントはどうなりますか？",
+])
+def test_a_question_about_unsubscribing_is_not_a_request(lexicon, body):
+    result = judge(lexicon, body, "Points")
+    assert (result.kind, result.reason) == (Kind.OTHER, "question")
+
+
+def test_a_request_asked_as_a_question_is_still_a_request(lexicon):
+    assert judge(lexicon, "Can you unsubscribe me?").kind is Kind.OPT_OUT
+    assert judge(lexicon, "Could you please delete my account?").kind is Kind.DELETION
+    assert judge(lexicon, "I want to unsubscribe. If I do, will I still get order emails?").kind is Kind.OPT_OUT

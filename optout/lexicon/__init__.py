@@ -31,7 +31,7 @@ WHOLE_CATEGORIES = ("opt-out.whole-all", "opt-out.whole-newsletters", "other.who
 _TOP_KEYS = {"language", "name", "script", "stopwords", "filler", "negation", "opt-out", "access", "deletion",
              "other", "machine", "text"}
 _SECTION_KEYS = {
-    "negation": {"before", "after", "contrast", "bridge"},
+    "negation": {"before", "after", "contrast", "bridge", "conditional"},
     "opt-out": {"all", "newsletters", "partners", "whole-all", "whole-newsletters"},
     "access": {"access", "rectification"},
     "deletion": {"erasure", "child"},
@@ -357,6 +357,7 @@ class Lexicon:
     negation_after: dict[str, frozenset[tuple[str, ...]]]
     contrast: dict[str, frozenset[tuple[str, ...]]]
     bridge: dict[str, frozenset[str]]
+    conditional: dict[str, frozenset[tuple[str, ...]]]
     markers: Markers
     phrase_count: int = field(default=0)
 
@@ -505,7 +506,7 @@ def _default_lexicon() -> Lexicon:
 
 
 # Bump when the compiled form changes: a cache written by another version is then ignored.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 
 def _cached(directory: Path) -> Lexicon:
@@ -565,6 +566,7 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
     negation_after: dict[str, frozenset[tuple[str, ...]]] = {}
     contrast: dict[str, frozenset[tuple[str, ...]]] = {}
     bridge: dict[str, frozenset[str]] = {}
+    conditional: dict[str, frozenset[tuple[str, ...]]] = {}
     attributions: list[str] = []
     outlook_from: set[str] = set()
     outlook_sent: set[str] = set()
@@ -583,6 +585,8 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
         negation_after[language] = frozenset(_token_tuples(negation.get("after", []), f"{path.name} [negation] after"))
         contrast[language] = frozenset(_token_tuples(negation.get("contrast", []), f"{path.name} [negation] contrast"))
         bridge[language] = frozenset(fold(word) for word in negation.get("bridge", []))
+        conditional[language] = frozenset(_token_tuples(negation.get("conditional", []),
+                                                        f"{path.name} [negation] conditional"))
         for category in INTENT_CATEGORIES:
             section, key = category.split(".")
             entries = table.get(section, {}).get(key, [])
@@ -623,6 +627,7 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
         negation_after=negation_after,
         contrast=contrast,
         bridge=bridge,
+        conditional=conditional,
         markers=markers,
         phrase_count=count,
     )
