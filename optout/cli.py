@@ -825,6 +825,84 @@ def outbox_purge(state: Context, purge_sent: bool, purge_failed: bool, older_tha
     click.echo(f"{count} replies purged")
 
 
+@cli.group()
+def requests() -> None:
+    """Access and deletion requests: list, show, reject, extend (requests about a child come first)."""
+
+
+def _request_or_fail(state: Context, which: str) -> dict:
+    found = state.store.request(which)
+    if found is None:
+        raise InputError(f"no request {which!r} (give its number or its reference, e.g. D-7KQ2M3XA)")
+    return found
+
+
+@requests.command("list")
+@click.option("--overdue", is_flag=True, help="Only open requests past their due date.")
+@click.option("--status", help="Only requests in this status (open, rejected, …).")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array.")
+@click.pass_obj
+def requests_list(state: Context, overdue: bool, status: str | None, as_json: bool) -> None:
+    """List requests: those about a child first, then by due date."""
+    rows = state.store.requests(status, now() if overdue else None)
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=1))
+        return
+    if not rows:
+        click.echo("No requests." if not overdue else "No overdue requests.")
+        return
+    moment = now()
+    table = []
+    for r in rows:
+        due = datetime.fromisoformat(r["due_at"])
+        days = (due - moment).days
+        left = f"{days} days left" if days >= 0 else click.style(f"{-days} days overdue", fg="red")
+        table.append([str(r["id"]), r["reference"] or "", r["kind"], r["status"], r["flags"] or "", r["address"],
+                      r["due_at"][:10], left if r["status"] == "open" else ""])
+    click.echo(_table(table, ["id", "reference", "kind", "status", "flags", "address", "due", ""]))
+
+
+@requests.command("show")
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True, help="A JSON object.")
+@click.pass_obj
+def requests_show(state: Context, request_id: str, as_json: bool) -> None:
+    """Show one request, by number or reference."""
+    found = _request_or_fail(state, request_id)
+    if as_json:
+        click.echo(json.dumps(found, ensure_ascii=False, indent=1))
+        return
+    for key, value in found.items():
+        click.echo(f"{key:12} {value if value not in (None, '') else '-'}")
+
+
+@requests.command("reject")
+@click.argument("request_id")
+@click.option("--reason", required=True, help="Why (kept in the audit log).")
+@click.pass_obj
+def requests_reject(state: Context, request_id: str, reason: str) -> None:
+    """Reject an open request, with a reason (audited)."""
+    found = _request_or_fail(state, request_id)
+    state.store.change_request(found["id"], now(), "request.reject", {"reason": reason}, status="rejected")
+    click.echo(f"request {found['reference'] or found['id']} rejected")
+
+
+@requests.command("extend")
+@click.argument("request_id")
+@click.option("--days", type=click.IntRange(1, 90), required=True, help="Days added to the due date (1–90).")
+@click.option("--reason", required=True, help="Why (kept in the audit log, as GDPR Art. 12(3) asks).")
+@click.pass_obj
+def requests_extend(state: Context, request_id: str, days: int, reason: str) -> None:
+    """Extend an open request's due date, with a reason (audited)."""
+    from datetime import timedelta
+
+    found = _request_or_fail(state, request_id)
+    due = datetime.fromisoformat(found["due_at"]) + timedelta(days=days)
+    state.store.change_request(found["id"], now(), "request.extend", {"days": days, "reason": reason,
+                                                                       "due_at": due.isoformat()}, due_at=due)
+    click.echo(f"request {found['reference'] or found['id']} now due {due.date().isoformat()}")
+
+
 @cli.command()
 @click.argument("address")
 @click.option("--list", "list_name", required=True, help="The list (the scope the token unsubscribes from).")

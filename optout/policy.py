@@ -27,7 +27,7 @@ class Rules:
 
     own_addresses: tuple[str, ...] = ()
     request_days: int = 30
-    child_request_days: int = 30
+    child_request_days: int = 14
     reply_to_other: bool = False
     daily_reply_cap: int = 5
 

@@ -401,6 +401,50 @@ class Store:
         return self.db.execute(f"DELETE FROM outbox WHERE status IN ({marks}) AND created_at < ?",
                                [*statuses, _iso(before)]).rowcount
 
+    # ------------------------------------------------------------ requests
+
+    def requests(self, status: str | None = None, overdue_at: datetime | None = None) -> list[dict]:
+        """Return access and deletion requests: those about a child first, then by due date."""
+        sql = ("SELECT id, reference, kind, address, display, status, flags, language, message_key, received_at, "
+               "due_at FROM requests WHERE 1 = 1")
+        params: list[str] = []
+        if status:
+            sql += " AND status = ?"
+            params.append(status)
+        if overdue_at is not None:
+            sql += " AND status = 'open' AND due_at < ?"
+            params.append(_iso(overdue_at))
+        cursor = self.db.execute(sql + " ORDER BY (',' || flags || ',') LIKE '%,child,%' DESC, due_at, id", params)
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor]
+
+    def request(self, which: str) -> dict | None:
+        """Return one request by its id or its reference (A-…, D-…), or None."""
+        column = "id" if which.isdigit() else "reference"
+        found = [r for r in self.requests() if str(r[column]).lower() == which.lower()]
+        return found[0] if found else None
+
+    def change_request(self, request_id: int, now: datetime, event: str, detail: dict,
+                       status: str | None = None, due_at: datetime | None = None) -> None:
+        """Change an open request's status or due date, audited, in one transaction."""
+        self._begin()
+        try:
+            row = self.db.execute("SELECT address, message_key, status FROM requests WHERE id = ?",
+                                  [request_id]).fetchone()
+            if row is None:
+                raise StoreError(f"no request {request_id}")
+            if row[2] != "open":
+                raise RefusedError(f"request {request_id} is {row[2]}, not open")
+            if status is not None:
+                self.db.execute("UPDATE requests SET status = ? WHERE id = ?", [status, request_id])
+            if due_at is not None:
+                self.db.execute("UPDATE requests SET due_at = ? WHERE id = ?", [_iso(due_at), request_id])
+            self._audit(_iso(now), event, row[0], row[1], {"id": request_id, **detail})
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
     def remember_token(self, token: str, address: str, list_name: str, now: datetime) -> None:
         """Keep which address and list a token was issued for (issuing the same token again changes nothing)."""
         self.db.execute("INSERT INTO tokens (token, address, list, issued_at) VALUES (?, ?, ?, ?) "

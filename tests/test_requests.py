@@ -1,0 +1,76 @@
+"""`optout requests …` against a real database filled by processing real mail."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optout.process import Pipeline, process
+from optout.store import Store
+
+from conftest import NOW, make_mail
+
+OPTOUT = Path(sys.executable).parent / "optout"
+
+
+@pytest.fixture
+def database(tmp_path, lexicon):
+    path = tmp_path / "optout.db"
+    with Store(path) as store:
+        pipeline = Pipeline(lexicon)
+        process(make_mail("What personal data do you hold about me?", sender="Ann <ann@example.net>",
+                          message_id="<a1@example.net>"), "file", store, pipeline, NOW)
+        process(make_mail("Please delete my account and all my data.", sender="Bob <bob@example.net>",
+                          message_id="<b1@example.net>"), "file", store, pipeline, NOW)
+        process(make_mail("I am the mother of Mia (10). Please delete her account and all her data.",
+                          sender="Cleo <cleo@example.net>", message_id="<c1@example.net>"), "file", store, pipeline, NOW)
+    return path
+
+
+def run(database, *args, now="2026-11-29T12:00:00+00:00"):
+    env = {**os.environ, "OPTOUT_DATABASE": str(database), "OPTOUT_NOW": now}
+    return subprocess.run([str(OPTOUT), "requests", *args], capture_output=True, text=True, env=env)
+
+
+def listed(database, *args, now="2026-11-29T12:00:00+00:00"):
+    result = run(database, "list", "--json", *args, now=now)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_childs_request_comes_first_and_has_the_shorter_deadline(database):
+    rows = listed(database)
+    assert [r["address"] for r in rows] == ["cleo@example.net", "ann@example.net", "bob@example.net"]
+    assert rows[0]["flags"] == "child" and rows[0]["due_at"] < rows[1]["due_at"]
+    assert all(r["status"] == "open" and r["reference"][:2] in ("A-", "D-") for r in rows)
+
+
+def test_overdue_lists_only_what_is_past_its_due_date(database):
+    assert listed(database, "--overdue") == []
+    late = listed(database, "--overdue", now="2027-01-05T00:00:00+00:00")
+    assert {r["address"] for r in late} == {"cleo@example.net", "ann@example.net", "bob@example.net"}
+    assert [r["address"] for r in listed(database, "--overdue", now="2026-12-20T00:00:00+00:00")] == ["cleo@example.net"]
+
+
+def test_extend_and_reject_are_audited(database):
+    ann = next(r for r in listed(database) if r["address"] == "ann@example.net")
+    result = run(database, "extend", ann["reference"], "--days", "30", "--reason", "complex request")
+    assert result.returncode == 0 and "now due 2027-01-28" in result.stdout
+    result = run(database, "reject", str(ann["id"]), "--reason", "identity not confirmed")
+    assert result.returncode == 0
+    shown = json.loads(run(database, "show", str(ann["id"]), "--json").stdout)
+    assert shown["status"] == "rejected" and shown["due_at"].startswith("2027-01-28")
+    again = run(database, "reject", str(ann["id"]), "--reason", "twice")
+    assert again.returncode == 8 and "not open" in again.stderr and "Traceback" not in again.stderr
+    with Store(database) as store:
+        events = [row[0] for row in store.db.execute("SELECT event FROM audit ORDER BY id")]
+        assert events.count("request.extend") == 1 and events.count("request.reject") == 1
+        assert store.verify_audit() is None
+
+
+def test_an_unknown_request_is_a_clear_error(database):
+    result = run(database, "show", "D-NOPE0000")
+    assert result.returncode == 4 and "no request" in result.stderr
