@@ -25,6 +25,23 @@ AUTO_REPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder", "x-auto
                       "x-mailautoreply", "x-ms-exchange-generated-message-source")
 LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "list-help", "list-subscribe", "list-owner",
                 "list-archive", "x-mailing-list")
+
+
+def sender_local_part(address: str | None) -> str:
+    """Return the local part of an address without its +tag, lower-cased ("" without an address)."""
+    return (address or "").rpartition("@")[0].split("+")[0].lower()
+
+
+def is_list_sender(local: str) -> bool:
+    """Say whether a local part is a mailing list's own (owner-x, x-owner, x-bounces, x-request)."""
+    return local.startswith("owner-") or local.endswith(("-owner", "-bounces", "-request"))
+
+
+def is_machine_sender(local: str) -> bool:
+    """Say whether a local part belongs to a machine: a mail daemon, a no-reply address or a list."""
+    return local in DAEMON_LOCAL_PARTS or local in NO_REPLY_LOCAL_PARTS or is_list_sender(local)
+
+
 SCOPE_CATEGORIES = {"opt-out.all": Scope.ALL, "opt-out.newsletters": Scope.NEWSLETTERS,
                     "opt-out.partners": Scope.PARTNERS}
 _RECEIPT_SUBJECT = re.compile(
@@ -278,7 +295,7 @@ def _machine(message: Message, reading: Reading, lexicon: Lexicon) -> Classifica
                               evidence=("X-HmXmrOriginalRecipient",), machine=True)
     bounce_hits = reading.matches.get("bounce", [])
     subject_hits = [m for m in bounce_hits if m.start < reading.subject_end]
-    sender_local = (message.sender or "").rpartition("@")[0].split("+")[0]
+    sender_local = sender_local_part(message.sender)
     display = (message.sender_display or "").lower()
     daemon = sender_local in DAEMON_LOCAL_PARTS or any(name in display for name in DAEMON_NAMES)
     null_sender = message.return_path == "" or message.envelope_sender == ""
@@ -320,7 +337,7 @@ def _machine(message: Message, reading: Reading, lexicon: Lexicon) -> Classifica
         if message.has_header(name):
             return Classification(Kind.OTHER, "bulk", "machine.list-header", 0.95,
                                   evidence=(name.title(),), machine=True)
-    if sender_local.endswith(("-owner", "-bounces", "-request")) or sender_local.startswith("owner-"):
+    if is_list_sender(sender_local):
         return Classification(Kind.OTHER, "bulk", "machine.list-sender", 0.9,
                               evidence=(f"From: {message.sender}",), machine=True)
     if (sender_local in NO_REPLY_LOCAL_PARTS or sender_local.endswith("-admin")) and not message.malformed:
@@ -337,7 +354,7 @@ def _whole(tokens: list[str], lexicon: Lexicon) -> str | None:
     if found:
         return found
     # Drop politeness words ("please", "thanks") at either end, longest first.
-    filler = lexicon.filler_set
+    filler = lexicon.filler
     changed = True
     while changed and words:
         changed = False

@@ -594,30 +594,12 @@ def config_check(state: Context, path: str | None, as_json: bool) -> None:
 
     PATH defaults to --config or OPTOUT_CONFIG.
     """
-    import tomllib
-
-    from optout.config import problems_in
-    from optout.errors import ConfigError
+    from optout.config import check_config
 
     path = path or state.config_path
     if not path:
         raise click.UsageError("give a config file: optout config check PATH (or --config / OPTOUT_CONFIG)")
-    problems: list[str] = []
-    try:
-        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        problems.append(f"{path}: no such config file")
-    except (OSError, UnicodeDecodeError) as error:
-        problems.append(f"{path}: cannot read it ({error})")
-    except tomllib.TOMLDecodeError as error:
-        problems.append(f"{path}: not valid TOML ({error})")
-    else:
-        problems.extend(problems_in(table, path)[1])
-        if not problems:
-            try:  # what only loading shows: the environment and secret files
-                load_settings(path)
-            except ConfigError as error:
-                problems.append(str(error))
+    problems = check_config(path)
     if as_json:
         click.echo(json.dumps({"path": path, "ok": not problems, "problems": problems}, ensure_ascii=False))
     elif problems:

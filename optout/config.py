@@ -208,15 +208,11 @@ def _redact(url: str) -> str:
 
 
 def _imap_password(values: dict, environ: dict[str, str]) -> str | None:
-    # Secrets come from the environment or a file, never from the config file itself.
-    if environ.get("OPTOUT_IMAP_PASSWORD"):
-        return environ["OPTOUT_IMAP_PASSWORD"]
-    path = values.get("imap_password_file") or environ.get("OPTOUT_IMAP_PASSWORD_FILE")
-    if path:
-        try:
-            return Path(path).read_text(encoding="utf-8").strip()
-        except OSError as error:
-            raise ConfigError(f"IMAP password file {path}: {error.strerror or error}") from None
+    # Secrets come from the environment or a file, never from the config file itself (or, on loopback, the URL).
+    secret = _secret(environ.get("OPTOUT_IMAP_PASSWORD"),
+                     values.get("imap_password_file") or environ.get("OPTOUT_IMAP_PASSWORD_FILE"), "IMAP password file")
+    if secret is not None:
+        return secret
     url = values.get("imap_url")
     if url and urlsplit(url).password:
         return unquote(urlsplit(url).password)
@@ -258,6 +254,34 @@ def problems_in(table: dict, name: str) -> tuple[dict, list[str]]:
     return values, problems
 
 
+def read_table(path: Path) -> dict:
+    """Read a config file's TOML table; a missing, unreadable or invalid file is a ConfigError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read it ({error})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+
+
+def check_config(path: str | Path) -> list[str]:
+    """Return every problem of a config file at once (file, key, why); an empty list when it is fine."""
+    try:
+        problems = problems_in(read_table(Path(path)), str(path))[1]
+    except ConfigError as error:
+        return [str(error)]
+    if not problems:
+        try:  # what only loading shows: the environment and the secret files
+            load_settings(path)
+        except ConfigError as error:
+            problems.append(str(error))
+    return problems
+
+
 def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Load settings: defaults, then the config file (argument or OPTOUT_CONFIG), then the environment."""
     environ = dict(os.environ) if environ is None else environ
@@ -266,17 +290,7 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
     source = "embedded defaults"
     if path:
         config_path = Path(path)
-        try:
-            text = config_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{config_path}: no such config file") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{config_path}: cannot read it ({error})") from None
-        try:
-            table = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{config_path}: not valid TOML ({error})") from None
-        values, problems = problems_in(table, str(config_path))
+        values, problems = problems_in(read_table(config_path), str(config_path))
         if problems:
             raise ConfigError("; ".join(problems))
         source = str(config_path)

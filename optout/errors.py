@@ -66,3 +66,12 @@ class LockedError(OptoutError):
     """Another run holds the lock."""
 
     exit_code = 7
+
+
+def one_line(value: object, limit: int = 300) -> str:
+    """Return what a server or an exception said as one short line (for errors and logs; never a body)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, BaseException):
+        value = str(value) or type(value).__name__
+    return " ".join(str(value).split())[:limit]

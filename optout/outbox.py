@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 from urllib.parse import unquote, urlsplit
 
-from optout.errors import ConfigError
+from optout.errors import ConfigError, one_line
 
 log = logging.getLogger("optout.outbox")
 
@@ -59,7 +59,7 @@ def relay_settings(url: str, username: str | None = None, password: str | None =
     parsed = urlsplit(url)
     security = {"smtp": "plain", "smtps": "tls", "smtp+starttls": "starttls"}.get(parsed.scheme)
     if security is None or not parsed.hostname:
-        raise ConfigError(f"relay URL must look like smtp://host:25, smtps://host:465 or smtp+starttls://host:587")
+        raise ConfigError("relay URL must look like smtp://host:25, smtps://host:465 or smtp+starttls://host:587")
     try:
         port = parsed.port or {"plain": 25, "tls": 465, "starttls": 587}[security]
     except ValueError:
@@ -100,16 +100,16 @@ class RelayTransport:
             refused = self.client.sendmail("<>", [recipient], raw)
         except smtplib.SMTPRecipientsRefused as error:
             code, text = next(iter(error.recipients.values()))
-            raise DeliveryError(f"{code} {_text(text)}", permanent=code >= 500) from None
+            raise DeliveryError(f"{code} {one_line(text)}", permanent=code >= 500) from None
         except smtplib.SMTPResponseException as error:
             self.close()
-            raise DeliveryError(f"{error.smtp_code} {_text(error.smtp_error)}", permanent=error.smtp_code >= 500) from None
+            raise DeliveryError(f"{error.smtp_code} {one_line(error.smtp_error)}", permanent=error.smtp_code >= 500) from None
         except (OSError, smtplib.SMTPException) as error:
             self.close()  # dropped mid-transaction: the next attempt starts a new connection
             raise DeliveryError(f"connection lost: {error}", permanent=False) from None
         if refused:
             code, text = next(iter(refused.values()))
-            raise DeliveryError(f"{code} {_text(text)}", permanent=code >= 500)
+            raise DeliveryError(f"{code} {one_line(text)}", permanent=code >= 500)
 
     def close(self) -> None:
         """Say QUIT, quietly."""
@@ -149,10 +149,6 @@ class FlushSummary:
     held: int = 0
 
 
-def _text(value) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return " ".join(str(value).split())[:300]
 
 
 def backoff(attempts: int, base: float = 60.0, ceiling: float = 6 * 3600.0) -> timedelta:

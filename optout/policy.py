@@ -8,15 +8,10 @@ from datetime import datetime, timedelta
 import base64
 import hashlib
 
+from optout.classify import LIST_HEADERS, is_machine_sender, sender_local_part
 from optout.model import (Classification, Decision, History, Kind, Message, OpenRequest, Reply, Scope, Suppress,
                           TokenMatch, normalise_address)
 
-DAEMON_LOCAL_PARTS = frozenset({"mailer-daemon", "postmaster", "mail-daemon", "maildaemon", "mailerdaemon",
-                                "mail-delivery-system", "noreply", "no-reply", "no_reply", "donotreply",
-                                "do-not-reply", "do_not_reply", "bounce", "bounces", "nobody", "auto-reply",
-                                "autoreply", "notifications", "notification"})
-LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "list-help", "list-subscribe", "list-owner",
-                "list-archive", "x-mailing-list")
 COMPLAINANT_FIELDS = ("removal-recipient", "original-rcpt-to")
 COMPLAINANT_HEADERS = ("x-hmxmroriginalrecipient", "x-original-to", "delivered-to", "to")
 
@@ -62,8 +57,7 @@ def may_auto_reply(message: Message, classification: Classification, own_address
         return False, "null return path"
     if not message.sender or "@" not in message.sender:
         return False, "no sender"
-    local = message.sender.rpartition("@")[0].split("+")[0]
-    if local in DAEMON_LOCAL_PARTS or local.startswith("owner-") or local.endswith(("-owner", "-bounces", "-request")):
+    if is_machine_sender(sender_local_part(message.sender)):
         return False, "daemon or no-reply sender"
     own = {normalise_address(a) for a in own_addresses}
     if message.sender in own:
@@ -73,6 +67,17 @@ def may_auto_reply(message: Message, classification: Classification, own_address
     if message.malformed:
         return False, "malformed"
     return True, None
+
+
+def mailbox_folder(classification: Classification, review_reasons: tuple[str, ...]) -> str | None:
+    """Say where a processed message is filed: None for the review folder, else the name of its kind.
+
+    Mail a person should read (`other` for one of the review reasons: unclear, question, malformed …)
+    goes to review; everything else is filed by kind.
+    """
+    if classification.kind is Kind.OTHER and classification.reason in review_reasons:
+        return None
+    return classification.kind.value
 
 
 def request_reference(kind: Kind, key: str) -> str:

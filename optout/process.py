@@ -12,7 +12,7 @@ from optout.errors import StoreError
 from optout.lexicon import Lexicon
 from optout.model import Classification, Decision, Kind, Message, TokenMatch
 from optout.parse import parse_message
-from optout.policy import Rules, decide
+from optout.policy import Rules, decide, mailbox_folder
 from optout.replies import Rendered, render_reply
 from optout.store import Store
 from optout.tokens import TOKEN_LENGTH, verify_token
@@ -47,6 +47,10 @@ class Outcome:
     decision: Decision
     request_ids: tuple[int, ...] = ()
     reply: Rendered | None = None
+
+    def filed_as(self, review_reasons: tuple[str, ...]) -> str | None:
+        """Return the kind a mailbox files this message under, or None for the review folder (policy decides)."""
+        return mailbox_folder(self.classification, review_reasons)
 
 
 def examine(raw: bytes, pipeline: Pipeline, envelope_sender: str | None = None,
@@ -87,6 +91,19 @@ def complete(message: Message, classification: Classification, source: str, stor
                    None if recorded.duplicate else rendered)
 
 
+def look_up_token(token: str, store: Store, pipeline: Pipeline, today) -> TokenMatch:
+    """Find whom a token was issued for and verify it: valid, forged, expired, unknown or malformed."""
+    token = token.strip().lower()
+    if len(token) != TOKEN_LENGTH:
+        return TokenMatch(token, "malformed")
+    mapping = store.token(token)
+    if mapping is None or not pipeline.token_key:
+        return TokenMatch(token, "unknown")
+    address, list_name = mapping
+    verdict = verify_token(pipeline.token_key, token, address, list_name, today, pipeline.token_max_age_days)
+    return TokenMatch(token, verdict.status, address, list_name)
+
+
 def check_token(message: Message, store: Store, pipeline: Pipeline, now: datetime) -> TokenMatch | None:
     """Find an unsubscribe token in a recipient (unsubscribe+TOKEN@…) and check it; audit one that fails."""
     candidates = [a.rpartition("@")[0].partition("+")[2] for a in message.all_recipients
@@ -94,14 +111,7 @@ def check_token(message: Message, store: Store, pipeline: Pipeline, now: datetim
     candidates = [c for c in candidates if len(c) == TOKEN_LENGTH]
     if not candidates:
         return None
-    token = candidates[0].lower()
-    mapping = store.token(token)
-    if mapping is None or not pipeline.token_key:
-        match = TokenMatch(token, "unknown")
-    else:
-        address, list_name = mapping
-        verdict = verify_token(pipeline.token_key, token, address, list_name, now.date(), pipeline.token_max_age_days)
-        match = TokenMatch(token, verdict.status, address, list_name)
+    match = look_up_token(candidates[0], store, pipeline, now.date())
     if match.status != "valid":
         store.audit_event("token.invalid", message.sender, message.key, {"status": match.status}, now)
     return match
@@ -177,14 +187,7 @@ class Intake:
 
     def check_token(self, token: str) -> TokenMatch:
         """Look a token up and verify it, writing nothing (what the one-click page shows)."""
-        token = token.strip().lower()
-        mapping = self.store.token(token) if len(token) == TOKEN_LENGTH else None
-        if mapping is None or not self.pipeline.token_key:
-            return TokenMatch(token, "unknown" if len(token) == TOKEN_LENGTH else "malformed")
-        address, list_name = mapping
-        verdict = verify_token(self.pipeline.token_key, token, address, list_name, self.clock().date(),
-                               self.pipeline.token_max_age_days)
-        return TokenMatch(token, verdict.status, address, list_name)
+        return look_up_token(token, self.store, self.pipeline, self.clock().date())
 
     def unsubscribe_token(self, token: str) -> TokenMatch:
         """Unsubscribe a valid token's address from its list (RFC 8058 one-click); audit a token that fails."""

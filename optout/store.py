@@ -326,7 +326,7 @@ class Store:
         prev = row[0] if row else GENESIS
         address_hash = drop_hash(address) if address else None
         body = json.dumps(detail, sort_keys=True, ensure_ascii=False)
-        digest = hashlib.sha256("\x1f".join((prev, at, event, address_hash or "", key or "", body)).encode()).hexdigest()
+        digest = _link(prev, at, event, address_hash, key, body)
         self.db.execute("INSERT INTO audit (at, event, address_hash, message_key, detail, prev_hash, hash) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", [at, event, address_hash, key, body, prev, digest])
 
@@ -338,8 +338,7 @@ class Store:
             "SELECT id, to_address, kind, message_id, raw, attempts FROM outbox "
             "WHERE status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?",
             [_iso(now), limit])
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row)) for row in cursor]
+        return _dicts(cursor)
 
     def outbox_waiting(self, now: datetime) -> int:
         """Count the queued replies that are due."""
@@ -385,8 +384,7 @@ class Store:
             sql += " WHERE status = ?"
             params.append(status)
         cursor = self.db.execute(sql + " ORDER BY id DESC LIMIT ?", params + [limit])
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row)) for row in cursor]
+        return _dicts(cursor)
 
     def outbox_retry(self, outbox_id: int, now: datetime) -> bool:
         """Queue a failed or waiting reply again, due now; False when there is no such unsent reply."""
@@ -405,8 +403,7 @@ class Store:
 
     def requests(self, status: str | None = None, overdue_at: datetime | None = None) -> list[dict]:
         """Return access and deletion requests: those about a child first, then by due date."""
-        sql = ("SELECT id, reference, kind, address, display, status, flags, language, message_key, received_at, "
-               "due_at FROM requests WHERE 1 = 1")
+        sql = _REQUEST_COLUMNS + " WHERE 1 = 1"
         params: list[str] = []
         if status:
             sql += " AND status = ?"
@@ -415,13 +412,13 @@ class Store:
             sql += " AND status = 'open' AND due_at < ?"
             params.append(_iso(overdue_at))
         cursor = self.db.execute(sql + " ORDER BY (',' || flags || ',') LIKE '%,child,%' DESC, due_at, id", params)
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row)) for row in cursor]
+        return _dicts(cursor)
 
     def request(self, which: str) -> dict | None:
         """Return one request by its id or its reference (A-…, D-…), or None."""
-        column = "id" if which.isdigit() else "reference"
-        found = [r for r in self.requests() if str(r[column]).lower() == which.lower()]
+        condition = "id = ?" if which.isdigit() else "reference = ? COLLATE NOCASE"
+        found = _dicts(self.db.execute(f"{_REQUEST_COLUMNS} WHERE {condition}",
+                                       [int(which) if which.isdigit() else which]))
         return found[0] if found else None
 
     def change_request(self, request_id: int, now: datetime, event: str, detail: dict,
@@ -486,30 +483,22 @@ class Store:
         prev = GENESIS
         for id_, at, event, address_hash, key, body, prev_hash, digest in self.db.execute(
                 "SELECT id, at, event, address_hash, message_key, detail, prev_hash, hash FROM audit ORDER BY id"):
-            expected = hashlib.sha256("\x1f".join((prev, at, event, address_hash or "", key or "", body)).encode()).hexdigest()
-            if prev_hash != prev or digest != expected:
+            if prev_hash != prev or digest != _link(prev, at, event, address_hash, key, body):
                 return int(id_)
             prev = digest
         return None
 
     def suppressions(self, scope: str | None = None) -> list[dict]:
         """Return the suppression list, oldest first, optionally of one scope."""
-        sql = "SELECT address, display, scope, reason, created_at FROM suppressions"
-        params: list[str] = []
-        if scope:
-            sql += " WHERE scope = ?"
-            params.append(scope)
-        cursor = self.db.execute(sql + " ORDER BY created_at, id", params)
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row)) for row in cursor]
+        keep = ("address", "display", "scope", "reason", "created_at")
+        return [{k: row[k] for k in keep} for row in self.suppression_rows(scope)]
 
     def suppressed(self, address: str) -> list[dict]:
         """Return the suppression rows of one address (matched normalised)."""
         cursor = self.db.execute(
             "SELECT address, scope, reason, created_at FROM suppressions WHERE address = ? OR address_hash = ? "
             "ORDER BY created_at, id", [normalise_address(address), drop_hash(address)])
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row)) for row in cursor]
+        return _dicts(cursor)
 
     def ledger(self, key: str) -> dict | None:
         """Return the ledger row of a message key, or None."""
@@ -567,18 +556,14 @@ class Store:
             sql += " AND scope = ?"
             params.append(scope)
         cursor = self.db.execute(sql + " ORDER BY created_at, id", params)
-        columns = [c[0] for c in cursor.description]
-        return [dict(zip(columns, row)) for row in cursor]
+        return _dicts(cursor)
 
     def suppressed_addresses(self, scopes: tuple[str, ...] | None = None) -> dict[str, str]:
         """Return {address: reason} of the rows that have an address, in these scopes (None: every scope)."""
         # The scrub hot path (NOTES.md: a Python set beats the SQL anti-join). Two group_concat columns of
         # one scan, split and zipped in C, load a million rows about twice as fast as iterating a cursor.
-        where = "address IS NOT NULL AND address != ''"
-        params: list[str] = []
-        if scopes is not None:
-            where += f" AND scope IN ({','.join('?' for _ in scopes)})"
-            params = list(scopes)
+        condition, params = _scope_filter(scopes)
+        where = "address IS NOT NULL AND address != ''" + condition
         addresses, reasons = self.db.conn.execute(
             f"SELECT group_concat(address, char(31)), group_concat(reason, char(31)) FROM suppressions "
             f"WHERE {where}", params).fetchone()
@@ -592,12 +577,9 @@ class Store:
 
     def suppressed_hashes(self, scopes: tuple[str, ...] | None = None) -> dict[str, str]:
         """Return {address_hash: reason} of the rows that keep only a hash (no address), in these scopes."""
-        sql = "SELECT address_hash, reason FROM suppressions WHERE (address IS NULL OR address = '')"
-        params: list[str] = []
-        if scopes is not None:
-            sql += f" AND scope IN ({','.join('?' for _ in scopes)})"
-            params = list(scopes)
-        return dict(self.db.conn.execute(sql, params))
+        condition, params = _scope_filter(scopes)
+        return dict(self.db.conn.execute(
+            "SELECT address_hash, reason FROM suppressions WHERE (address IS NULL OR address = '')" + condition, params))
 
     def add_suppressions(self, entries, now: datetime, source: str) -> list[dict]:
         """Add (address, display, scope, reason) entries in one transaction, auditing each new row; return the new ones.
@@ -638,8 +620,7 @@ class Store:
             cursor = self.db.execute(
                 "SELECT id, address, address_hash, scope, reason, created_at FROM suppressions "
                 "WHERE address = ? OR address_hash = ? ORDER BY created_at, id", [address, digest])
-            columns = [c[0] for c in cursor.description]
-            rows = [dict(zip(columns, row)) for row in cursor]
+            rows = _dicts(cursor)
             why = refuse(rows) if refuse else None
             if why:
                 raise RefusedError(why)
@@ -669,8 +650,7 @@ class Store:
 
         def rows(sql: str, params: list) -> list[dict]:
             cursor = self.db.execute(sql, params)
-            columns = [c[0] for c in cursor.description]
-            return [dict(zip(columns, row)) for row in cursor]
+            return _dicts(cursor)
 
         return {
             "address": address,
@@ -684,6 +664,28 @@ class Store:
             "suppressions": rows("SELECT scope, reason, created_at FROM suppressions "
                                  "WHERE address = ? OR address_hash = ? ORDER BY created_at, id", [address, digest]),
         }
+
+
+_REQUEST_COLUMNS = ("SELECT id, reference, kind, address, display, status, flags, language, message_key, "
+                    "received_at, due_at FROM requests")
+
+
+def _link(prev: str, at: str, event: str, address_hash: str | None, key: str | None, body: str) -> str:
+    """Return an audit event's hash: over the previous event's hash and everything the event says."""
+    return hashlib.sha256("\x1f".join((prev, at, event, address_hash or "", key or "", body)).encode()).hexdigest()
+
+
+def _dicts(cursor) -> list[dict]:
+    """Return a cursor's rows as dicts keyed by column name."""
+    columns = [c[0] for c in cursor.description]
+    return [dict(zip(columns, row)) for row in cursor]
+
+
+def _scope_filter(scopes: tuple[str, ...] | None) -> tuple[str, list[str]]:
+    """Return an SQL condition on `scope` (placeholders only) and its parameters; None: every scope."""
+    if scopes is None:
+        return "", []
+    return f" AND scope IN ({','.join('?' for _ in scopes)})", list(scopes)
 
 
 def _store_error(error: sqlite3.OperationalError, path: Path) -> StoreError:

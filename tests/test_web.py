@@ -6,7 +6,6 @@ import subprocess
 import urllib.error
 import urllib.request
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from optout.errors import LexiconError
-from optout.text import COMMA, NEWLINE, STOP, Markers, fold, is_cjk, tokenise
+from optout.text import COMMA, NEWLINE, STOP, Markers, fold, tokenise
 
 HERE = Path(__file__).parent
 WORD_GAP = 4
@@ -143,16 +143,6 @@ class Match:
     phrase: Phrase
     start: int
     end: int
-
-
-def _test(kind: int, value: str, token: str) -> bool:
-    if kind == EQ:
-        return token == value
-    if kind == PREFIX:
-        return token.startswith(value)
-    if kind == SUFFIX:
-        return token.endswith(value)
-    return value in token
 
 
 def _match_from(steps: tuple, k: int, tokens: list[str], j: int, n: int, then=None) -> int | None:
@@ -351,8 +341,7 @@ class Lexicon:
     stopwords: dict[str, tuple[str, ...]]
     phrases: PhraseIndex
     whole: dict[tuple[str, ...], str]
-    filler: tuple[tuple[str, ...], ...]
-    filler_set: frozenset[tuple[str, ...]]
+    filler: frozenset[tuple[str, ...]]
     negation_before: dict[str, frozenset[tuple[str, ...]]]
     negation_after: dict[str, frozenset[tuple[str, ...]]]
     contrast: dict[str, frozenset[tuple[str, ...]]]
@@ -505,8 +494,6 @@ def _default_lexicon() -> Lexicon:
     return _cached(HERE)
 
 
-# Bump when the compiled form changes: a cache written by another version is then ignored.
-CACHE_FORMAT = 4
 
 
 def _cached(directory: Path) -> Lexicon:
@@ -520,7 +507,11 @@ def _cached(directory: Path) -> Lexicon:
     import pickle
     import tempfile
 
-    digest = hashlib.sha256(f"{CACHE_FORMAT}".encode())
+    # Keyed by the tables and by the code that compiles them (this module and the tokeniser), so that a
+    # cache written by another version is never read.
+    from optout import text
+
+    digest = hashlib.sha256(Path(__file__).read_bytes() + Path(text.__file__).read_bytes())
     for path in sorted(directory.glob("*.toml")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     try:
@@ -621,8 +612,7 @@ def _load(directory: Path, languages: tuple[str, ...] | None) -> Lexicon:
         stopwords={word: tuple(sorted(languages)) for word, languages in stopwords.items()},
         phrases=PhraseIndex.build(intents + auto_replies + bounces + footers + signatures),
         whole=whole,
-        filler=tuple(sorted(filler, key=len, reverse=True)),
-        filler_set=frozenset(f for f in filler if len(f) <= 3),
+        filler=frozenset(f for f in filler if len(f) <= 3),  # trimmed from a whole subject, 1 to 3 words
         negation_before=negation_before,
         negation_after=negation_after,
         contrast=contrast,

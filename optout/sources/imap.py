@@ -22,8 +22,7 @@ from urllib.parse import unquote, urlsplit
 import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from optout.errors import ConfigError, MailboxError, TransientError
-from optout.model import Kind
+from optout.errors import ConfigError, MailboxError, TransientError, one_line
 
 log = logging.getLogger("optout.imap")
 # What a lost or refused connection raises; not OSError as a whole, which a missing file raises too.
@@ -127,9 +126,9 @@ class ImapSource:
                 client.starttls(ssl.create_default_context())
             client.login(s.username, s.password)
         except LoginError as error:
-            raise MailboxError(f"IMAP login as {s.username} at {s.host}:{s.port} refused: {_text(error)}") from None
+            raise MailboxError(f"IMAP login as {s.username} at {s.host}:{s.port} refused: {one_line(error)}") from None
         except NETWORK_ERRORS as error:
-            raise MailboxError(f"cannot reach IMAP server {s.host}:{s.port}: {_text(error)}") from None
+            raise MailboxError(f"cannot reach IMAP server {s.host}:{s.port}: {one_line(error)}") from None
         try:
             listed = client.list_folders(pattern=s.folder)
             if listed:
@@ -140,7 +139,7 @@ class ImapSource:
             self._folders = {name for _, _, name in client.list_folders()}
             client.select_folder(s.folder, readonly=s.dry_run)
         except NETWORK_ERRORS as error:
-            raise MailboxError(f"IMAP folder {s.folder!r}: {_text(error)}") from None
+            raise MailboxError(f"IMAP folder {s.folder!r}: {one_line(error)}") from None
         self.client = client
         return client
 
@@ -160,10 +159,10 @@ class ImapSource:
 
     def folder_for(self, outcome) -> str:
         """Return the folder a processed message goes to: Processed<sep>KIND, or Review."""
-        classification = outcome.classification
-        if classification.kind is Kind.OTHER and classification.reason in self.settings.review_reasons:
+        kind = outcome.filed_as(self.settings.review_reasons)
+        if kind is None:
             return self.settings.review_folder
-        return f"{self.settings.processed_folder}{self._delimiter}{classification.kind.value}"
+        return f"{self.settings.processed_folder}{self._delimiter}{kind}"
 
     def run_once(self) -> RunSummary:
         """Process every message in the watched folder, batch by batch; move each batch after its commits."""
@@ -229,7 +228,7 @@ class ImapSource:
             client.create_folder(folder)
         except IMAPClientError as error:
             if not client.folder_exists(folder):
-                raise MailboxError(f"cannot create IMAP folder {folder!r}: {_text(error)}") from None
+                raise MailboxError(f"cannot create IMAP folder {folder!r}: {one_line(error)}") from None
         try:
             client.subscribe_folder(folder)
         except IMAPClientError:
@@ -266,7 +265,7 @@ class ImapSource:
                 self.stop.wait(delay)
                 delay = min(delay * 2, backoff_max)
             except (MailboxError, *NETWORK_ERRORS) as error:
-                log.warning("IMAP: %s; reconnecting in %.0fs", _text(error), delay)
+                log.warning("IMAP: %s; reconnecting in %.0fs", one_line(error), delay)
                 self.close()
                 self.stop.wait(delay)
                 delay = min(delay * 2, backoff_max)
@@ -295,9 +294,6 @@ class ImapSource:
         client.idle_done()
 
 
-def _text(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text.replace("\r", " ").replace("\n", " ")[:300]
 
 
 def drain(settings: ImapSettings, sink: Sink, on_outcome=None, examiner_factory=None) -> RunSummary:
@@ -307,6 +303,6 @@ def drain(settings: ImapSettings, sink: Sink, on_outcome=None, examiner_factory=
         source.connect()
         return source.run_once()
     except NETWORK_ERRORS as error:
-        raise MailboxError(f"IMAP: {_text(error)}") from None
+        raise MailboxError(f"IMAP: {one_line(error)}") from None
     finally:
         source.close()
