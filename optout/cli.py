@@ -740,15 +740,20 @@ def run(ctx: click.Context, once: bool, dry_run: bool, as_json: bool) -> None:
                        f"{summary.duplicates} already processed, {summary.moved} {verb if not dry_run else 'moved'}.")
             if dry_run:
                 message += " Dry run: nothing written, nothing moved."
-        sent = None
+        sent = swept = None
         if not dry_run:
             from optout.daemon import flush_outbox
+            from optout.fulfil import sweep
 
+            swept = sweep(state.store, now(), state.pipeline.fulfilment)
+            if any(swept.values()):
+                failed = f", {swept['failed']} failed (see the log)" if swept["failed"] else ""
+                message += f" Requests: {swept['expired']} expired, {swept['fulfilled']} fulfilled{failed}."
             sent = flush_outbox(settings, state.store, now)
             message += (f" Outbox: {sent.sent} sent, {sent.retried} deferred, {sent.failed} failed"
                         f"{f', {sent.held} held by the hourly cap' if sent.held else ''}.")
     if as_json:
-        click.echo(json.dumps({"imap": None if summary is None else summary.__dict__,
+        click.echo(json.dumps({"imap": None if summary is None else summary.__dict__, "requests": swept,
                                "outbox": None if sent is None else sent.__dict__, "dry_run": dry_run}))
     else:
         click.echo(message)
@@ -809,7 +814,7 @@ def outbox_purge(state: Context, purge_sent: bool, purge_failed: bool, older_tha
 
 @cli.group()
 def requests() -> None:
-    """Access and deletion requests: list, show, reject, extend (requests about a child come first)."""
+    """Access and deletion requests: list, show, fulfil, reject, extend, export, report (a child's come first)."""
 
 
 def _request_or_fail(state: Context, which: str) -> dict:
@@ -819,9 +824,12 @@ def _request_or_fail(state: Context, which: str) -> dict:
     return found
 
 
+STATUSES = ("awaiting-verification", "verified", "fulfilled", "rejected", "expired")
+
+
 @requests.command("list")
-@click.option("--overdue", is_flag=True, help="Only open requests past their due date.")
-@click.option("--status", help="Only requests in this status (open, rejected, …).")
+@click.option("--overdue", is_flag=True, help="Only open requests past their due date (or, CCPA, unacknowledged).")
+@click.option("--status", type=click.Choice(STATUSES), help="Only requests in this status.")
 @click.option("--json", "as_json", is_flag=True, help="A JSON array.")
 @click.pass_obj
 def requests_list(state: Context, overdue: bool, status: str | None, as_json: bool) -> None:
@@ -840,7 +848,7 @@ def requests_list(state: Context, overdue: bool, status: str | None, as_json: bo
         days = (due - moment).days
         left = f"{days} days left" if days >= 0 else click.style(f"{-days} days overdue", fg="red")
         table.append([str(r["id"]), r["reference"] or "", r["kind"], r["status"], r["flags"] or "", r["address"],
-                      r["due_at"][:10], left if r["status"] == "open" else ""])
+                      r["due_at"][:10], left if r["status"] in ("awaiting-verification", "verified") else ""])
     click.echo(_table(table, ["id", "reference", "kind", "status", "flags", "address", "due", ""]))
 
 
@@ -855,34 +863,102 @@ def requests_show(state: Context, request_id: str, as_json: bool) -> None:
         click.echo(json.dumps(found, ensure_ascii=False, indent=1))
         return
     for key, value in found.items():
-        click.echo(f"{key:12} {value if value not in (None, '') else '-'}")
+        click.echo(f"{key:16} {value if value not in (None, '') else '-'}")
+
+
+@requests.command("fulfil")
+@click.argument("request_id")
+@click.pass_obj
+def requests_fulfil(state: Context, request_id: str) -> None:
+    """Fulfil a verified request: send the data (access) or erase it (deletion), and tell the requester.
+
+    Only a request its requester has confirmed is fulfilled (exit 8 otherwise). The reply goes to the outbox
+    (sent by the daemon, `run --once`, or the next flush).
+    """
+    from optout.fulfil import fulfil
+
+    found = _request_or_fail(state, request_id)
+    done = fulfil(state.store, found["id"], now(), state.pipeline.fulfilment, by="admin")
+    verb = "sent" if found["kind"] == "access" else "erased"
+    listed = ", ".join(f"{count} {place}" for place, count in done.items() if count) or "nothing was held"
+    click.echo(f"request {found['reference'] or found['id']} fulfilled; {verb}: {listed}")
+
+
+@requests.command("export")
+@click.argument("request_id")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="File to write (default: stdout).")
+@click.pass_obj
+def requests_export(state: Context, request_id: str, output: str | None) -> None:
+    """Write everything held about a request's address: the JSON file an access request sends."""
+    from optout.fulfil import export
+
+    found = _request_or_fail(state, request_id)
+    document = json.dumps(export(state.store, found, now(), state.pipeline.fulfilment), ensure_ascii=False,
+                          indent=1, default=str)
+    if output:
+        Path(output).write_text(document + "\n", encoding="utf-8")
+        click.echo(f"written to {output}", err=True)
+    else:
+        click.echo(document)
 
 
 @requests.command("reject")
 @click.argument("request_id")
-@click.option("--reason", required=True, help="Why (kept in the audit log).")
+@click.option("--reason", required=True, help="Why (kept in the audit log, and told to the requester).")
+@click.option("--no-reply", is_flag=True, help="Do not tell the requester.")
 @click.pass_obj
-def requests_reject(state: Context, request_id: str, reason: str) -> None:
-    """Reject an open request, with a reason (audited)."""
+def requests_reject(state: Context, request_id: str, reason: str, no_reply: bool) -> None:
+    """Reject an open request, with a reason (audited; the requester is told unless --no-reply)."""
+    from optout.fulfil import reject
+
     found = _request_or_fail(state, request_id)
-    state.store.change_request(found["id"], now(), "request.reject", {"reason": reason}, status="rejected")
+    reject(state.store, found["id"], now(), state.pipeline.fulfilment, reason, notify=not no_reply)
     click.echo(f"request {found['reference'] or found['id']} rejected")
 
 
 @requests.command("extend")
 @click.argument("request_id")
-@click.option("--days", type=click.IntRange(1, 90), required=True, help="Days added to the due date (1–90).")
+@click.option("--days", type=click.IntRange(1, 90), required=True, help="Days added to the due date.")
 @click.option("--reason", required=True, help="Why (kept in the audit log, as GDPR Art. 12(3) asks).")
 @click.pass_obj
 def requests_extend(state: Context, request_id: str, days: int, reason: str) -> None:
-    """Extend an open request's due date, with a reason (audited)."""
+    """Extend an open request's due date, with a reason (audited), within what its jurisdiction allows."""
     from datetime import timedelta
 
+    from optout.errors import RefusedError
+    from optout.policy import JURISDICTIONS
+
     found = _request_or_fail(state, request_id)
+    allowed = JURISDICTIONS[found["jurisdiction"]]["extension_days"]
+    if found["extended_days"] + days > allowed:
+        raise RefusedError(f"{found['jurisdiction'].upper()} allows {allowed} days of extension in all; request "
+                           f"{found['reference'] or found['id']} has had {found['extended_days']}")
     due = datetime.fromisoformat(found["due_at"]) + timedelta(days=days)
     state.store.change_request(found["id"], now(), "request.extend", {"days": days, "reason": reason,
-                                                                       "due_at": due.isoformat()}, due_at=due)
+                                                                       "due_at": due.isoformat()}, due_at=due,
+                               extended_days=days, resolution=None)
     click.echo(f"request {found['reference'] or found['id']} now due {due.date().isoformat()}")
+
+
+@requests.command("report")
+@click.option("--year", type=int, default=None, help="The calendar year (default: the last full year).")
+@click.option("--json", "as_json", is_flag=True, help="A JSON object per kind.")
+@click.pass_obj
+def requests_report(state: Context, year: int | None, as_json: bool) -> None:
+    """Count a year's requests per kind: received, complied with, denied, median days to answer (CCPA §7102)."""
+    year = year or now().year - 1
+    report = state.store.request_report(year)
+    if as_json:
+        click.echo(json.dumps({"year": year, "kinds": report}, indent=1))
+        return
+    if not report:
+        click.echo(f"No requests received in {year}.")
+        return
+    rows = [[kind, str(r["received"]), str(r["complied"]), f"{r['denied']} ({r['expired']} never confirmed)",
+             str(r["pending"]), "-" if r["median_days"] is None else str(r["median_days"])]
+            for kind, r in report.items()]
+    click.echo(f"Requests received in {year}")
+    click.echo(_table(rows, ["kind", "received", "complied with", "denied", "pending", "median days to answer"]))
 
 
 @cli.command()

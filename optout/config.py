@@ -7,6 +7,7 @@ environment (OPTOUT_DATABASE). No config file at all is fine: the defaults run e
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,8 +26,13 @@ class Settings:
     privacy_addresses: tuple[str, ...] = ("privacy@example.com",)
     unsubscribe_addresses: tuple[str, ...] = ("unsubscribe@*",)
     own_addresses: tuple[str, ...] = ()
-    request_days: int = 30
+    request_days: int | None = None
     child_request_days: int = 14
+    jurisdiction: str = "gdpr"
+    verify_days: int = 7
+    fulfil: str = "automatic"
+    contact_tables: tuple[str, ...] = ()
+    contacts_database: str | None = None
     reply_to_other: bool = False
     daily_reply_cap: int = 5
     lexicon_dir: str | None = None
@@ -82,8 +88,15 @@ SCHEMA: dict[str, dict[str, tuple[str, type, str | None]]] = {
         "own": ("own_addresses", list, "address"),
     },
     "requests": {
+        "jurisdiction": ("jurisdiction", str, "jurisdiction"),
         "days": ("request_days", int, "positive"),
         "child_days": ("child_request_days", int, "positive"),
+        "verify_days": ("verify_days", int, "positive"),
+        "fulfil": ("fulfil", str, "fulfil"),
+    },
+    "contacts": {
+        "tables": ("contact_tables", list, "table-column"),
+        "database": ("contacts_database", str, None),
     },
     "replies": {
         "to_other": ("reply_to_other", bool, None),
@@ -141,6 +154,8 @@ def _check(value, kind: type, check: str | None, where: str, problems: list[str]
             problems.append(f"{where}: expected a list of strings")
             return None
         for item in value:
+            if check == "table-column" and not re.fullmatch(r"[A-Za-z_]\w*\.[A-Za-z_]\w*", item, re.ASCII):
+                problems.append(f"{where}: {item!r} is not TABLE.COLUMN (plain names)")
             if check in ("address", "address-pattern") and item.count("@") != 1:
                 problems.append(f"{where}: {item!r} is not an address")
             elif check == "address" and "*" in item:
@@ -168,6 +183,10 @@ def _check(value, kind: type, check: str | None, where: str, problems: list[str]
             parse_listen(value)
         except ConfigError as error:
             problems.append(f"{where}: {error}")
+    if check == "jurisdiction" and value not in ("gdpr", "ccpa"):
+        problems.append(f"{where}: {value!r} is not a jurisdiction optout knows (gdpr, ccpa)")
+    if check == "fulfil" and value not in ("automatic", "hold"):
+        problems.append(f"{where}: {value!r} must be \"automatic\" or \"hold\"")
     if check == "positive" and value <= 0:
         problems.append(f"{where}: must be greater than 0")
     if check == "non-negative" and value < 0:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from optout.outbox import FlushSummary, MaildirTransport, RelayTransport, flush,
 from optout.signing import dkim_signer
 from optout.policy import Rules
 from optout.examiner import Examiner
+from optout.fulfil import Fulfilment, sweep
 from optout.process import Intake, Outcome, Pipeline
 from optout.sources.imap import ImapSettings, ImapSource, imap_settings
 from optout.sources.smtp import PrivacyHandler, SmtpLimits, start_server
@@ -42,11 +44,23 @@ def make_pipeline(settings: Settings) -> Pipeline:
     lexicon = load_lexicon(Path(settings.lexicon_dir)) if settings.lexicon_dir else load_lexicon()
     rules = Rules(own_addresses=settings.privacy_addresses + settings.own_addresses + (settings.sender,),
                   request_days=settings.request_days, child_request_days=settings.child_request_days,
-                  reply_to_other=settings.reply_to_other, daily_reply_cap=settings.daily_reply_cap)
+                  reply_to_other=settings.reply_to_other, daily_reply_cap=settings.daily_reply_cap,
+                  jurisdiction=settings.jurisdiction, verify_days=settings.verify_days)
     templates = template_environment(Path(settings.templates_dir) if settings.templates_dir else None)
     return Pipeline(lexicon, settings.unsubscribe_addresses, rules, templates=templates, reply_from=settings.sender,
                     organisation=settings.organisation, token_key=settings.token_key,
-                    token_max_age_days=settings.token_max_age_days)
+                    token_max_age_days=settings.token_max_age_days, privacy_addresses=settings.privacy_addresses,
+                    fulfilment=make_fulfilment(settings, templates))
+
+
+def make_fulfilment(settings: Settings, templates=None) -> Fulfilment:
+    """Build what fulfilling requests needs: templates, sender, contact tables, automatic or held."""
+    if templates is None:
+        from optout.replies import template_environment
+
+        templates = template_environment(Path(settings.templates_dir) if settings.templates_dir else None)
+    return Fulfilment(templates, settings.sender, settings.organisation, settings.contact_tables,
+                      settings.contacts_database, automatic=settings.fulfil == "automatic")
 
 
 def make_transport(settings: Settings):
@@ -173,6 +187,7 @@ class Daemon:
         self.outbox_wake = threading.Event()
         self.outbox_thread: threading.Thread | None = None
         self.outbox_interval = 15.0
+        self.sweep_interval = 300.0
 
     def _open(self) -> Intake:
         return Intake(Store(self.settings.database), self.pipeline, self.clock)
@@ -252,8 +267,15 @@ class Daemon:
 
         clock = self.clock or (lambda: datetime.now(timezone.utc))
         proxy = WriterProxy(self.writer, self.intake.store)
+        swept_at = 0.0
         while not self.stopping.is_set():
             self.outbox_wake.clear()
+            if self.pipeline.fulfilment is not None and time.monotonic() - swept_at >= self.sweep_interval:
+                swept_at = time.monotonic()
+                try:  # expire unconfirmed requests, fulfil confirmed ones left behind: on the writer thread
+                    self.writer.submit(sweep, self.intake.store, clock(), self.pipeline.fulfilment).result()
+                except Exception as error:
+                    log.warning("requests: %s: %s", type(error).__name__, str(error)[:200])
             try:
                 flush_outbox(self.settings, proxy, clock)
             except Exception as error:  # the outbox must never take the daemon down; it retries next round

@@ -180,6 +180,10 @@ class OpenRequest:
     flags: tuple[str, ...] = ()
     language: str | None = None
     reference: str = ""
+    ack_due_at: datetime | None = None
+    jurisdiction: str = "gdpr"
+    token: str = field(default="", repr=False)  # the confirmation token; the store keeps only its hash
+    token_expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,10 @@ class Reply:
     reference: str = ""
     due_at: datetime | None = None
     flags: tuple[str, ...] = ()
+    confirm_token: str = field(default="", repr=False)  # asks the requester to confirm: Reply-To privacy+confirm-TOKEN@
+    token_expires_at: datetime | None = None
+    facts: tuple[tuple[str, object], ...] = ()  # more template variables (what was found, what was erased …)
+    attachments: tuple[tuple[str, str, bytes], ...] = ()  # (filename, content type, bytes)
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,33 @@ class TokenMatch:
     status: str  # valid | forged | expired | unknown | malformed
     address: str | None = None
     list_name: str | None = None
+
+
+class RequestStatus(StrEnum):
+    """Where an access or deletion request stands; the values are the strings the CLI prints."""
+
+    AWAITING = "awaiting-verification"
+    VERIFIED = "verified"
+    FULFILLED = "fulfilled"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+OPEN_STATUSES = (RequestStatus.AWAITING.value, RequestStatus.VERIFIED.value)
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A confirmation token found in a message (privacy+confirm-TOKEN@ or the subject), checked.
+
+    status: valid | other-address | expired | used | unknown | machine
+    """
+
+    token: str
+    status: str
+    request_id: int | None = None
+    reference: str = ""
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,3 +262,4 @@ class Decision:
     no_reply_reason: str | None = None
     notes: tuple[str, ...] = field(default=())
     reply: Reply | None = None
+    verify: tuple[int, ...] = ()  # request ids this message confirms

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import base64
+import calendar
+import hashlib
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import base64
-import hashlib
-
 from optout.classify import LIST_HEADERS, is_machine_sender, sender_local_part
-from optout.model import (Classification, Decision, History, Kind, Message, OpenRequest, Reply, Scope, Suppress,
-                          TokenMatch, normalise_address)
+from optout.model import (Classification, Confirmation, Decision, History, Kind, Message, OpenRequest, Reply, Scope,
+                          Suppress, TokenMatch, normalise_address)
 
 COMPLAINANT_FIELDS = ("removal-recipient", "original-rcpt-to")
 COMPLAINANT_HEADERS = ("x-hmxmroriginalrecipient", "x-original-to", "delivered-to", "to")
+
+# What each law asks (GDPR Art. 12(3); CCPA regulations §7021): time to acknowledge (business days), time to
+# answer, and how much longer an extension may make it.
+JURISDICTIONS = {
+    "gdpr": {"ack_business_days": None, "answer_months": 1, "answer_days": None, "extension_days": 61},
+    "ccpa": {"ack_business_days": 10, "answer_months": None, "answer_days": 45, "extension_days": 45},
+}
+CONFIRM_PREFIX = "confirm-"
+# The confirmation token: 16 characters of base32 (80 random bits), lower case, in a local part or a subject.
+CONFIRM_TOKEN = re.compile(r"confirm-([a-z2-7]{16})(?![a-z2-7])", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -21,10 +32,88 @@ class Rules:
     """The settings `decide()` follows; built from the config by the caller."""
 
     own_addresses: tuple[str, ...] = ()
-    request_days: int = 30
+    request_days: int | None = None  # None: the jurisdiction's deadline
     child_request_days: int = 14
     reply_to_other: bool = False
     daily_reply_cap: int = 5
+    jurisdiction: str = "gdpr"
+    verify_days: int = 7
+
+
+def add_months(moment: datetime, months: int) -> datetime:
+    """Return the same day `months` later, or the month's last day when it is shorter (31 Jan + 1 = 28/29 Feb)."""
+    month = moment.month - 1 + months
+    year, month = moment.year + month // 12, month % 12 + 1
+    return moment.replace(year=year, month=month, day=min(moment.day, calendar.monthrange(year, month)[1]))
+
+
+def add_business_days(moment: datetime, days: int) -> datetime:
+    """Return the moment `days` working days (Monday to Friday) later."""
+    while days > 0:
+        moment += timedelta(days=1)
+        if moment.weekday() < 5:
+            days -= 1
+    return moment
+
+
+def request_deadlines(received_at: datetime, rules: Rules, child: bool = False) -> tuple[datetime | None, datetime]:
+    """Return when a request must be acknowledged (None: no separate duty) and answered.
+
+    - GDPR: answer within one month of receipt; CCPA: acknowledge within 10 business days, answer within 45 days;
+    - `[requests] days` replaces the jurisdiction's answer period; a child's request gets the shorter child deadline.
+    """
+    law = JURISDICTIONS[rules.jurisdiction]
+    ack = add_business_days(received_at, law["ack_business_days"]) if law["ack_business_days"] else None
+    if rules.request_days is not None:
+        due = received_at + timedelta(days=rules.request_days)
+    elif law["answer_months"]:
+        due = add_months(received_at, law["answer_months"])
+    else:
+        due = received_at + timedelta(days=law["answer_days"])
+    if child:
+        due = min(due, received_at + timedelta(days=rules.child_request_days))
+    return ack, due
+
+
+def confirm_tokens(message: Message, privacy_addresses: tuple[str, ...]) -> list[str]:
+    """Return the confirmation tokens a message carries: in privacy+confirm-TOKEN@ first, then in its subject."""
+    locals_ = {normalise_address(a).rpartition("@")[0] for a in privacy_addresses}
+    found = []
+    for address in message.all_recipients:
+        local, _, _ = address.rpartition("@")
+        base, plus, tag = local.partition("+")
+        if plus and base in locals_ and tag.lower().startswith(CONFIRM_PREFIX):
+            match = CONFIRM_TOKEN.fullmatch(tag)
+            if match:
+                found.append(match.group(1).lower())
+    found += [m.group(1).lower() for m in CONFIRM_TOKEN.finditer(message.subject or "")]
+    return list(dict.fromkeys(found))
+
+
+def check_confirmation(message: Message, classification: Classification, token: str, request: dict | None,
+                       now: datetime) -> Confirmation:
+    """Judge a confirmation of a request: only its requester, only once, only in time, only a person.
+
+    - unknown: no request waits for this token; used: the request is no longer awaiting verification;
+    - machine: an auto-reply or a bounce that carries the token (an out-of-office answering our request
+      for confirmation must not confirm it);
+    - other-address: the confirmation does not come from the address the request came from (Reply-To and
+      addresses in the body count for nothing);
+    - expired: the token's time has passed.
+    """
+    if request is None:
+        return Confirmation(token, "unknown")
+    found = dict(request_id=request["id"], reference=request.get("reference") or "", kind=request["kind"])
+    if request["status"] != "awaiting-verification":
+        return Confirmation(token, "used", **found)
+    if classification.machine or classification.reason in ("auto-reply", "bounce") or message.malformed:
+        return Confirmation(token, "machine", **found)
+    if not message.sender or normalise_address(message.sender) != request["address"]:
+        return Confirmation(token, "other-address", **found)
+    expires = request.get("token_expires_at")
+    if expires and datetime.fromisoformat(expires) < now:
+        return Confirmation(token, "expired", **found)
+    return Confirmation(token, "valid", **found)
 
 
 def may_auto_reply(message: Message, classification: Classification, own_addresses: tuple[str, ...] = ()) -> tuple[bool, str | None]:
@@ -107,7 +196,8 @@ def complainant(message: Message) -> str | None:
 
 
 def decide(message: Message, classification: Classification, history: History, now: datetime,
-           rules: Rules = Rules(), token: TokenMatch | None = None) -> Decision:
+           rules: Rules = Rules(), token: TokenMatch | None = None, confirmation: Confirmation | None = None,
+           new_token: str = "") -> Decision:
     """Decide the effects of one message.
 
     - opt-out: suppress the sender in each scope not already suppressed (`all` covers every scope);
@@ -117,8 +207,16 @@ def decide(message: Message, classification: Classification, history: History, n
     - mail to unsubscribe+TOKEN@ with a valid token: suppress the token's address on the token's list, whoever
       sent it (forwarding, aliases), unless the words ask for something else; a forged, expired or unknown
       token acts for nobody, and the mail is judged on its words like any other;
+    - a valid confirmation (privacy+confirm-TOKEN@, from the requester): verify the request, nothing else;
+      a confirmation that fails acts for nobody and the mail is judged on its words;
+    - a new access or deletion request waits for verification: `new_token` (random, from the caller) goes
+      into the acknowledgement, which asks the requester to confirm by replying;
     - anything else: no effect.
     """
+    if confirmation is not None and confirmation.status == "valid":
+        return Decision("verify", may_reply=False, no_reply_reason="confirmation of a request",
+                        notes=(f"confirms {confirmation.reference or confirmation.request_id}",),
+                        verify=(confirmation.request_id,))
     if token is not None and token.status == "valid" and (
             classification.kind is Kind.OPT_OUT
             or (classification.kind is Kind.OTHER and classification.reason in ("unclear", "empty", "question"))):
@@ -158,11 +256,10 @@ def decide(message: Message, classification: Classification, history: History, n
         if kind.value in history.open_requests:
             notes = (f"an {kind.value} request is already open",)
         else:
-            child = "child" in classification.flags
-            days = rules.child_request_days if child else rules.request_days
-            requests = (OpenRequest(kind, message.sender, display, now + timedelta(days=days),
-                                    classification.flags, classification.language,
-                                    request_reference(kind, message.key)),)
+            ack_due, due = request_deadlines(now, rules, "child" in classification.flags)
+            requests = (OpenRequest(kind, message.sender, display, due, classification.flags, classification.language,
+                                    request_reference(kind, message.key), ack_due, rules.jurisdiction, new_token,
+                                    now + timedelta(days=rules.verify_days) if new_token else None),)
     reply = _reply(message, classification, history, rules, requests, may_reply, no_reply_reason, notes)
     if not suppressions and not requests:
         return Decision("nothing", notes=notes or ("already suppressed",), **reply)
@@ -192,5 +289,6 @@ def _reply(message: Message, classification: Classification, history: History, r
     scopes = tuple(classification.scopes) if kind is Kind.OPT_OUT else (classification.reason,)
     reply = Reply(kind.value, message.sender, message.sender_display or message.sender,
                   classification.language or "en", scopes, request.reference if request else "",
-                  request.due_at if request else None, classification.flags)
+                  request.due_at if request else None, classification.flags,
+                  request.token if request else "", request.token_expires_at if request else None)
     return dict(may_reply=True, no_reply_reason=None, reply=reply)

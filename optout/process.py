@@ -9,13 +9,14 @@ from datetime import datetime
 
 from optout.classify import classify, is_unsubscribe_address
 from optout.errors import StoreError
+from optout.fulfil import Fulfilment, fulfil
 from optout.lexicon import Lexicon
-from optout.model import Classification, Decision, Kind, Message, TokenMatch
+from optout.model import Classification, Confirmation, Decision, Kind, Message, TokenMatch
 from optout.parse import parse_message
-from optout.policy import Rules, decide, mailbox_folder
+from optout.policy import Rules, check_confirmation, confirm_tokens, decide, mailbox_folder
 from optout.replies import Rendered, render_reply
 from optout.store import Store
-from optout.tokens import TOKEN_LENGTH, verify_token
+from optout.tokens import TOKEN_LENGTH, new_confirmation_token, verify_token
 
 
 log = logging.getLogger("optout.process")
@@ -33,6 +34,8 @@ class Pipeline:
     organisation: str = ""
     token_key: bytes | None = field(default=None, repr=False)  # signs unsubscribe tokens; None: tokens act for nobody
     token_max_age_days: int = 365
+    privacy_addresses: tuple[str, ...] = ("privacy@example.com",)  # where privacy+confirm-TOKEN@ confirmations arrive
+    fulfilment: Fulfilment | None = None  # None: verified requests wait for `optout requests fulfil`
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,10 @@ def complete(message: Message, classification: Classification, source: str, stor
         decision = Decision("duplicate", notes=("already in the ledger",))
         return Outcome(message.key, source, True, message, classification, decision)
     token = check_token(message, store, pipeline, now)
+    confirmation = check_confirm_token(message, classification, store, pipeline, now)
     history = store.history(token.address if token and token.status == "valid" else message.sender, now)
-    decision = decide(message, classification, history, now, pipeline.rules, token)
+    new_token = new_confirmation_token() if classification.kind in (Kind.ACCESS, Kind.DELETION) else ""
+    decision = decide(message, classification, history, now, pipeline.rules, token, confirmation, new_token)
     rendered = None
     if decision.reply is not None and pipeline.templates is not None:
         try:
@@ -87,6 +92,13 @@ def complete(message: Message, classification: Classification, source: str, stor
         except Exception as error:  # a broken template costs the reply, never the suppression
             log.error("reply to %s not rendered: %s: %s", message.key[:60], type(error).__name__, str(error)[:200])
     recorded = store.record(message, classification, decision, source, now, rendered)
+    if decision.verify and not recorded.duplicate and pipeline.fulfilment and pipeline.fulfilment.automatic:
+        for request_id in decision.verify:
+            try:
+                fulfil(store, request_id, now, pipeline.fulfilment)
+            except Exception as error:  # the confirmation is recorded (and acknowledged); the next sweep tries again
+                log.error("request %s verified but not fulfilled: %s: %s", request_id, type(error).__name__,
+                          str(error)[:200])
     return Outcome(message.key, source, recorded.duplicate, message, classification, decision, recorded.request_ids,
                    None if recorded.duplicate else rendered)
 
@@ -115,6 +127,19 @@ def check_token(message: Message, store: Store, pipeline: Pipeline, now: datetim
     if match.status != "valid":
         store.audit_event("token.invalid", message.sender, message.key, {"status": match.status}, now)
     return match
+
+
+def check_confirm_token(message: Message, classification: Classification, store: Store, pipeline: Pipeline,
+                       now: datetime) -> Confirmation | None:
+    """Find a confirmation token (privacy+confirm-TOKEN@ or the subject) and judge it; audit one that fails."""
+    tokens = confirm_tokens(message, pipeline.privacy_addresses)
+    if not tokens:
+        return None
+    confirmation = check_confirmation(message, classification, tokens[0], store.request_by_token(tokens[0]), now)
+    if confirmation.status != "valid":
+        store.audit_event("confirmation.refused", message.sender, message.key,
+                          {"status": confirmation.status, "request": confirmation.reference}, now)
+    return confirmation
 
 
 def record_failure(raw: bytes, source: str, store: Store, now: datetime, error: BaseException) -> Outcome:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.charset import QP, Charset
 from email.header import Header
+from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import Compat32
@@ -81,6 +82,12 @@ def _block(template: jinja2.Template, block: str, context: dict) -> str:
     return "".join(render(template.new_context(context))).strip()
 
 
+def confirm_address(sender: str, token: str) -> str:
+    """Return the address a requester confirms at: privacy+confirm-TOKEN@ our domain (RFC 5233 subaddress)."""
+    local, _, domain = sender.rpartition("@")
+    return f"{local.partition('+')[0]}+confirm-{token}@{domain}"
+
+
 def message_id_for(key: str, template: str, domain: str) -> str:
     """Return the stable Message-ID of the reply to a message: the same however often it is rendered or sent."""
     digest = hashlib.sha256(f"{template}\x1f{key}".encode()).hexdigest()[:24]
@@ -112,12 +119,18 @@ def render_reply(reply: Reply, original: Message, env: jinja2.Environment, sende
         "organisation": organisation,
         "original_subject": header_safe(original.subject),
         "language": language,
+        "confirm_address": confirm_address(sender, reply.confirm_token) if reply.confirm_token else "",
+        "confirm_by": reply.token_expires_at.date().isoformat() if reply.token_expires_at else "",
+        **dict(reply.facts),
     }
     original_subject = header_safe(original.subject)
     if original_subject:
         subject = original_subject if original_subject.lower().startswith("re:") else f"Re: {original_subject}"
     else:
         subject = header_safe(_block(text_template, "subject", context))
+    if reply.confirm_token:
+        # The token in the subject too: some clients answer the From address and drop Reply-To's +tag.
+        subject = f"{header_safe(subject, 200)} [{reply.reference} confirm-{reply.confirm_token}]"
     body = _block(text_template, "body", context) + "\n"
     domain = sender.rpartition("@")[2] or "localhost"
     message_id = message_id_for(original.key, reply.template, domain)
@@ -132,8 +145,21 @@ def render_reply(reply: Reply, original: Message, env: jinja2.Environment, sende
             mail.attach(part)
     else:
         mail = text_part
+    if reply.attachments:
+        body_part, mail = mail, MIMEMultipart("mixed")
+        del body_part["MIME-Version"]
+        mail.attach(body_part)
+        for filename, content_type, data in reply.attachments:
+            maintype, _, subtype = content_type.partition("/")
+            part = MIMEApplication(data, subtype) if maintype == "application" else MIMEText(data.decode(), subtype,
+                                                                                              _UTF8)
+            del part["MIME-Version"]
+            part.add_header("Content-Disposition", "attachment", filename=header_safe(filename, 100))
+            mail.attach(part)
     mail["From"] = _address_header(header_safe(organisation, 80), sender)
     mail["To"] = _address_header(display_name, reply.to)
+    if reply.confirm_token:
+        mail["Reply-To"] = context["confirm_address"]
     mail["Subject"] = _text_header(header_safe(subject, 250))
     mail["Date"] = format_datetime(now)
     mail["Message-ID"] = message_id

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
+import statistics
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+import contextlib
 
 import sqlite_utils
 
@@ -173,7 +176,38 @@ def _migration_5(db: sqlite_utils.Database) -> None:
         )""")
 
 
-MIGRATIONS = (_migration_1, _migration_2, _migration_3, _migration_4, _migration_5)
+def _migration_6(db: sqlite_utils.Database) -> None:
+    # Requests are verified before they are fulfilled (issue 6): a lifecycle, a confirmation token (its hash
+    # only), an acknowledgement deadline (CCPA) and what closed them. Requests opened before are awaiting it.
+    for column in ("jurisdiction TEXT NOT NULL DEFAULT 'gdpr'", "ack_due_at TEXT", "acknowledged_at TEXT",
+                   "token_hash TEXT", "token_expires_at TEXT", "verified_at TEXT", "closed_at TEXT", "resolution TEXT",
+                   "extended_days INTEGER NOT NULL DEFAULT 0"):
+        db.execute(f"ALTER TABLE requests ADD COLUMN {column}")
+    db.execute("UPDATE requests SET status = 'awaiting-verification' WHERE status = 'open'")
+    db.execute("CREATE UNIQUE INDEX requests_token ON requests(token_hash)")
+    db.execute("CREATE INDEX requests_status ON requests(status, due_at)")
+    # A reply that tells a person what was erased holds their address until it is sent, then loses it.
+    db.execute("ALTER TABLE outbox ADD COLUMN erase_after_send INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE outbox ADD COLUMN request_id INTEGER")
+
+
+MIGRATIONS = (_migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6)
+OPEN = ("awaiting-verification", "verified")
+CLOSED = ("fulfilled", "rejected", "expired")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def token_hash(token: str) -> str:
+    """Return what the store keeps of a confirmation token: its SHA-256 (a copy of the file confirms nothing)."""
+    return hashlib.sha256(token.strip().lower().encode()).hexdigest()
+
+
+def contact_column(spec: str) -> tuple[str, str]:
+    """Split "TABLE.COLUMN" into two SQL identifiers, refusing anything that is not a plain name."""
+    table, dot, column = spec.partition(".")
+    if not dot or not _IDENTIFIER.fullmatch(table) or not _IDENTIFIER.fullmatch(column):
+        raise StoreError(f"contact table {spec!r}: give TABLE.COLUMN, plain names only")
+    return table, column
 
 
 @dataclass(frozen=True)
@@ -200,6 +234,8 @@ class Store:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.execute("PRAGMA foreign_keys = ON")
+            # Deleted content is overwritten with zeros: erased personal data does not linger in free pages.
+            self.db.execute("PRAGMA secure_delete = ON")
             self.migrate()
         except sqlite3.OperationalError as error:
             raise _store_error(error, self.path) from error
@@ -247,9 +283,12 @@ class Store:
         if not address:
             return History()
         address = normalise_address(address)
-        scopes = {row[0] for row in self.db.execute("SELECT scope FROM suppressions WHERE address = ?", [address])}
+        # A deletion tombstone keeps only the hash: the address is still suppressed everywhere.
+        scopes = {row[0] for row in self.db.execute(
+            "SELECT scope FROM suppressions WHERE address = ? OR (address IS NULL AND address_hash = ?)",
+            [address, drop_hash(address)])}
         open_kinds = {row[0] for row in self.db.execute(
-            "SELECT kind FROM requests WHERE address = ? AND status = 'open'", [address])}
+            "SELECT kind FROM requests WHERE address = ? AND status IN (?, ?)", [address, *OPEN])}
         since = _iso(now - timedelta(days=1))
         replied = [row[0] for row in self.db.execute(
             "SELECT kind FROM outbox WHERE to_address = ? AND created_at >= ?", [address, since])]
@@ -296,21 +335,26 @@ class Store:
             for effect in decision.requests:
                 cursor = self.db.execute(
                     """INSERT INTO requests (kind, address, display, status, flags, language, message_key,
-                           received_at, due_at, reference) VALUES (?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)""",
+                           received_at, due_at, reference, jurisdiction, ack_due_at, acknowledged_at, token_hash,
+                           token_expires_at) VALUES (?, ?, ?, 'awaiting-verification', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     [effect.kind.value, effect.address, effect.display, ",".join(effect.flags), effect.language, key,
-                     at, _iso(effect.due_at), effect.reference or None])
+                     at, _iso(effect.due_at), effect.reference or None, effect.jurisdiction,
+                     _iso(effect.ack_due_at) if effect.ack_due_at else None, at if reply is not None else None,
+                     token_hash(effect.token) if effect.token else None,
+                     _iso(effect.token_expires_at) if effect.token_expires_at else None])
                 request_ids.append(int(cursor.lastrowid))
                 self._audit(at, "request.open", effect.address, key,
                             {"id": cursor.lastrowid, "reference": effect.reference, "kind": effect.kind.value,
-                             "due_at": _iso(effect.due_at), "flags": list(effect.flags)})
+                             "due_at": _iso(effect.due_at), "flags": list(effect.flags),
+                             "jurisdiction": effect.jurisdiction})
+            for request_id in decision.verify:
+                verified = self.db.execute(
+                    "UPDATE requests SET status = 'verified', verified_at = ?, token_hash = NULL "
+                    "WHERE id = ? AND status = 'awaiting-verification'", [at, request_id]).rowcount
+                if verified:
+                    self._audit(at, "request.verified", message.sender, key, {"id": request_id})
             if reply is not None:
-                self.db.execute(
-                    """INSERT INTO outbox (message_key, to_address, kind, language, subject, body, status, attempts,
-                           created_at, next_attempt_at, message_id, raw)
-                       VALUES (?, ?, ?, ?, ?, '', 'queued', 0, ?, ?, ?, ?)""",
-                    [key, reply.to, reply.template, reply.language, reply.subject, at, at, reply.message_id, reply.raw])
-                self._audit(at, "reply.queued", reply.to, key,
-                            {"template": reply.template, "language": reply.language, "message_id": reply.message_id})
+                self._queue(reply, key, at, request_ids[0] if request_ids else None)
             self.db.execute("COMMIT")
         except sqlite3.OperationalError as error:
             self.db.execute("ROLLBACK")
@@ -365,15 +409,26 @@ class Store:
                  _iso(next_attempt_at) if next_attempt_at else None, result, at, outbox_id])
             self.db.execute("INSERT INTO outbox_attempts (outbox_id, at, result, detail) VALUES (?, ?, ?, ?)",
                             [outbox_id, at, result, detail[:500]])
+            scrub = False
             if result != "retry":
-                row = self.db.execute("SELECT to_address, message_key, message_id FROM outbox WHERE id = ?",
-                                      [outbox_id]).fetchone()
+                row = self.db.execute("SELECT to_address, message_key, message_id, erase_after_send FROM outbox "
+                                      "WHERE id = ?", [outbox_id]).fetchone()
                 if row:
-                    self._audit(at, f"reply.{result}", row[0], row[1], {"message_id": row[2], "detail": detail[:200]})
+                    # A relay's answer often names the recipient: the audit log keeps only the hash.
+                    said = detail[:200].replace(row[0], "<recipient>") if row[0] else detail[:200]
+                    self._audit(at, f"reply.{result}", row[0], row[1], {"message_id": row[2], "detail": said})
+                    scrub = bool(row[3])
+            if scrub:
+                # The last mail to an erased address is gone: so is the address, from it and its attempts.
+                self.db.execute("UPDATE outbox SET to_address = ?, raw = NULL, subject = '', last_error = NULL "
+                                "WHERE id = ?", [drop_hash(row[0]), outbox_id])
+                self.db.execute("UPDATE outbox_attempts SET detail = NULL WHERE outbox_id = ?", [outbox_id])
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        if scrub:
+            self.compact()
 
     def outbox(self, status: str | None = None, limit: int = 1000) -> list[dict]:
         """Return outbox rows (without their bytes), newest first."""
@@ -409,8 +464,10 @@ class Store:
             sql += " AND status = ?"
             params.append(status)
         if overdue_at is not None:
-            sql += " AND status = 'open' AND due_at < ?"
-            params.append(_iso(overdue_at))
+            # Past the answer's due date, or (CCPA) past the acknowledgement's with none sent.
+            sql += (" AND status IN (?, ?) AND (due_at < ? OR (ack_due_at IS NOT NULL AND ack_due_at < ? "
+                    "AND acknowledged_at IS NULL))")
+            params += [*OPEN, _iso(overdue_at), _iso(overdue_at)]
         cursor = self.db.execute(sql + " ORDER BY (',' || flags || ',') LIKE '%,child,%' DESC, due_at, id", params)
         return _dicts(cursor)
 
@@ -422,25 +479,193 @@ class Store:
         return found[0] if found else None
 
     def change_request(self, request_id: int, now: datetime, event: str, detail: dict,
-                       status: str | None = None, due_at: datetime | None = None) -> None:
-        """Change an open request's status or due date, audited, in one transaction."""
+                       status: str | None = None, due_at: datetime | None = None, extended_days: int = 0,
+                       resolution: str | None = None, reply=None, erase: tuple | None = None) -> dict:
+        """Change an open request, audited, in one transaction: its status, due date, and the reply that says so.
+
+        - a closing status (fulfilled, rejected, expired) sets `closed_at` and `resolution`;
+        - `erase` = (contact tables, attached database) erases the request's address first (see `erase_address`),
+          and the reply is queued to be stripped of the address once sent; what was erased is returned.
+        """
+        at = _iso(now)
+        if erase is not None and erase[1]:
+            self.attach_contacts(erase[1])  # ATTACH cannot happen inside a transaction
         self._begin()
         try:
             row = self.db.execute("SELECT address, message_key, status FROM requests WHERE id = ?",
                                   [request_id]).fetchone()
             if row is None:
                 raise StoreError(f"no request {request_id}")
-            if row[2] != "open":
-                raise RefusedError(f"request {request_id} is {row[2]}, not open")
+            address, key, current = row
+            if current not in OPEN:
+                raise RefusedError(f"request {request_id} is {current}, no longer open")
+            erased: dict = {}
+            if erase is not None:
+                erased = self._erase(address, key, at, *erase)
+                detail = {**detail, "erased": erased}
             if status is not None:
-                self.db.execute("UPDATE requests SET status = ? WHERE id = ?", [status, request_id])
+                self.db.execute("UPDATE requests SET status = ?, closed_at = CASE WHEN ? THEN ? ELSE closed_at END, "
+                                "resolution = coalesce(?, resolution), token_hash = CASE WHEN ? THEN NULL "
+                                "ELSE token_hash END WHERE id = ?",
+                                [status, status in CLOSED, at, resolution, status in CLOSED, request_id])
             if due_at is not None:
-                self.db.execute("UPDATE requests SET due_at = ? WHERE id = ?", [_iso(due_at), request_id])
-            self._audit(_iso(now), event, row[0], row[1], {"id": request_id, **detail})
+                self.db.execute("UPDATE requests SET due_at = ?, extended_days = extended_days + ? WHERE id = ?",
+                                [_iso(due_at), extended_days, request_id])
+            self._audit(at, event, address, key, {"id": request_id, **detail})
+            if reply is not None:
+                self._queue(reply, key, at, request_id, erase_after_send=erase is not None)
+                self.db.execute("UPDATE requests SET acknowledged_at = coalesce(acknowledged_at, ?) WHERE id = ?",
+                                [at, request_id])
             self.db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            self.db.execute("ROLLBACK")
+            raise _store_error(error, self.path) from error
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        if erase is not None:
+            self.compact()
+        return erased
+
+    def request_by_token(self, token: str) -> dict | None:
+        """Return the request a confirmation token was issued for (matched by its hash), or None."""
+        found = _dicts(self.db.execute(f"{_REQUEST_COLUMNS} WHERE token_hash = ?", [token_hash(token)]))
+        return found[0] if found else None
+
+    def requests_to_expire(self, now: datetime) -> list[dict]:
+        """Return the requests still awaiting verification whose confirmation token has expired."""
+        return _dicts(self.db.execute(
+            f"{_REQUEST_COLUMNS} WHERE status = 'awaiting-verification' AND token_expires_at < ? ORDER BY id",
+            [_iso(now)]))
+
+    def contact_rows(self, address: str, tables: tuple[str, ...], database: str | None = None) -> dict[str, list[dict]]:
+        """Return the rows of the configured contact tables ("TABLE.COLUMN") whose column holds the address."""
+        address = normalise_address(address)
+        found: dict[str, list[dict]] = {}
+        with self._contacts(database) as schema:
+            for spec in tables:
+                table, column = contact_column(spec)
+                found[spec] = _dicts(self.db.execute(
+                    f'SELECT * FROM "{schema}"."{table}" WHERE lower(trim("{column}")) = ?', [address]))
+        return found
+
+    def personal_data(self, address: str, tables: tuple[str, ...] = (), database: str | None = None) -> dict:
+        """Return everything held about an address, as an access request hands it out."""
+        found = self.timeline(address)
+        found["replies"] = _dicts(self.db.execute(
+            "SELECT created_at, kind, language, subject, status, sent_at FROM outbox WHERE to_address = ? "
+            "ORDER BY id", [found["address"]]))
+        found["unsubscribe_tokens"] = _dicts(self.db.execute(
+            "SELECT list, issued_at FROM tokens WHERE address = ? ORDER BY issued_at", [found["address"]]))
+        for event in found["audit"]:
+            event["detail"] = json.loads(event["detail"])
+        found["contacts"] = self.contact_rows(address, tables, database)
+        return found
+
+    def _erase(self, address: str, key: str | None, at: str, tables: tuple[str, ...], database: str | None) -> dict:
+        """Erase an address's personal data (inside the caller's transaction); return what went, per place.
+
+        What stays: a tombstone (the DROP hash, scope all) so the person stays suppressed and no import brings
+        the address back; the ledger rows (without sender or evidence) that keep messages from being processed
+        twice; the requests under the hash; the audit log, which only ever held the hash.
+        """
+        digest = drop_hash(address)
+        erased = {}
+        erased["messages"] = self.db.execute(
+            "UPDATE ledger SET sender = NULL, evidence = '[]' WHERE sender = ?", [address]).rowcount
+        erased["suppressions"] = self.db.execute("DELETE FROM suppressions WHERE address = ?", [address]).rowcount
+        if not self.db.execute("SELECT 1 FROM suppressions WHERE address IS NULL AND address_hash = ? AND scope = 'all'",
+                               [digest]).fetchone():
+            self.db.execute("INSERT INTO suppressions (address, address_hash, display, scope, reason, source_key, "
+                            "created_at) VALUES (NULL, ?, NULL, 'all', 'deletion', ?, ?)", [digest, key, at])
+        erased["requests"] = self.db.execute(
+            "UPDATE requests SET address = ?, display = NULL WHERE address = ?", [digest, address]).rowcount
+        replies = [row[0] for row in self.db.execute("SELECT id FROM outbox WHERE to_address = ?", [address])]
+        for outbox_id in replies:
+            self.db.execute("UPDATE outbox_attempts SET detail = NULL WHERE outbox_id = ?", [outbox_id])
+        erased["replies"] = self.db.execute(
+            "UPDATE outbox SET to_address = ?, raw = NULL, subject = '', last_error = NULL, "
+            "status = CASE WHEN status = 'queued' THEN 'erased' ELSE status END WHERE to_address = ?",
+            [digest, address]).rowcount
+        erased["unsubscribe_tokens"] = self.db.execute("DELETE FROM tokens WHERE address = ?", [address]).rowcount
+        if tables:
+            with self._contacts(database, in_transaction=True) as schema:
+                for spec in tables:
+                    table, column = contact_column(spec)
+                    erased[spec] = self.db.execute(
+                        f'DELETE FROM "{schema}"."{table}" WHERE lower(trim("{column}")) = ?', [address]).rowcount
+        return erased
+
+    @contextlib.contextmanager
+    def _contacts(self, database: str | None, in_transaction: bool = False):
+        """Yield the schema that holds the contact tables: "main", or another SQLite file attached for the while."""
+        if not database:
+            yield "main"
+            return
+        attached = any(row[1] == "contacts" for row in self.db.execute("PRAGMA database_list"))
+        if not attached:
+            if in_transaction:
+                raise StoreError("the contact database must be attached before the transaction (attach_contacts)")
+            self.attach_contacts(database)
+        try:
+            yield "contacts"
+        finally:
+            if not attached:
+                self.db.execute("DETACH DATABASE contacts")
+
+    def attach_contacts(self, database: str) -> None:
+        """Attach the SQLite file that holds the contact tables (as schema "contacts"), once."""
+        if any(row[1] == "contacts" for row in self.db.execute("PRAGMA database_list")):
+            return
+        if not Path(database).is_file():
+            raise StoreError(f"{database}: the contact database does not exist")
+        self.db.execute("ATTACH DATABASE ? AS contacts", [database])
+        self.db.execute("PRAGMA contacts.secure_delete = ON")
+
+    def compact(self) -> None:
+        """Rewrite the database files so that nothing deleted survives in them: VACUUM, then empty the WAL."""
+        schemas = [row[1] for row in self.db.execute("PRAGMA database_list")]
+        for schema in ("main", "contacts"):
+            if schema in schemas:
+                self.db.execute(f"VACUUM {schema}")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _queue(self, reply, key: str | None, at: str, request_id: int | None = None,
+               erase_after_send: bool = False) -> None:
+        self.db.execute(
+            """INSERT INTO outbox (message_key, to_address, kind, language, subject, body, status, attempts,
+                   created_at, next_attempt_at, message_id, raw, request_id, erase_after_send)
+               VALUES (?, ?, ?, ?, ?, '', 'queued', 0, ?, ?, ?, ?, ?, ?)""",
+            [key, reply.to, reply.template, reply.language, reply.subject, at, at, reply.message_id, reply.raw,
+             request_id, int(erase_after_send)])
+        self._audit(at, "reply.queued", reply.to, key,
+                    {"template": reply.template, "language": reply.language, "message_id": reply.message_id})
+
+    def request_report(self, year: int) -> dict[str, dict]:
+        """Return, per kind, the requests received in a year: complied with, denied, pending, median days to answer.
+
+        Denied counts rejected requests and those never verified (expired), as the CCPA metrics do.
+        """
+        report: dict[str, dict] = {}
+        rows = self.db.execute("SELECT kind, status, received_at, closed_at FROM requests "
+                               "WHERE substr(received_at, 1, 4) = ?", [f"{year:04d}"])
+        days: dict[str, list[float]] = {}
+        for kind, status, received_at, closed_at in rows:
+            entry = report.setdefault(kind, {"received": 0, "complied": 0, "denied": 0, "expired": 0, "pending": 0})
+            entry["received"] += 1
+            if status == "fulfilled":
+                entry["complied"] += 1
+            elif status in ("rejected", "expired"):
+                entry["denied"] += 1
+                entry["expired"] += status == "expired"
+            else:
+                entry["pending"] += 1
+            if status in ("fulfilled", "rejected") and closed_at:
+                span = datetime.fromisoformat(closed_at) - datetime.fromisoformat(received_at)
+                days.setdefault(kind, []).append(span.total_seconds() / 86400)
+        for kind, entry in report.items():
+            entry["median_days"] = round(statistics.median(days[kind]), 1) if days.get(kind) else None
+        return dict(sorted(report.items()))
 
     def remember_token(self, token: str, address: str, list_name: str, now: datetime) -> None:
         """Keep which address and list a token was issued for (issuing the same token again changes nothing)."""
@@ -667,7 +892,8 @@ class Store:
 
 
 _REQUEST_COLUMNS = ("SELECT id, reference, kind, address, display, status, flags, language, message_key, "
-                    "received_at, due_at FROM requests")
+                    "received_at, due_at, jurisdiction, ack_due_at, acknowledged_at, token_expires_at, verified_at, "
+                    "closed_at, resolution, extended_days FROM requests")
 
 
 def _link(prev: str, at: str, event: str, address_hash: str | None, key: str | None, body: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 from dataclasses import dataclass
 from datetime import date
 
@@ -86,3 +87,12 @@ def verify_token(key: bytes, token: str, address: str, list_name: str, today: da
     if (today - issued).days > max_age_days or issued > today:
         return Verdict("expired", issued)
     return Verdict("valid", issued)
+
+
+def new_confirmation_token() -> str:
+    """Return a fresh random confirmation token: 16 characters of lower-case base32 (80 bits from `secrets`).
+
+    Unlike unsubscribe tokens these are not signed: they are single-use, the store keeps their hash with the
+    request they confirm, and they expire.
+    """
+    return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()

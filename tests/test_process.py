@@ -61,7 +61,7 @@ def test_a_newsletter_unsubscribe_suppresses_only_newsletters(store, pipeline, m
     assert [s["scope"] for s in store.suppressions()] == ["newsletters"]
 
 
-def test_a_deletion_mail_suppresses_all_and_opens_a_request_due_in_30_days(store, pipeline, mail):
+def test_a_deletion_mail_suppresses_all_and_opens_a_request_due_in_one_month(store, pipeline, mail):
     raw = mail("Please delete my personal data and close my account.", subject="Delete my data")
 
     outcome = process(raw, "file", store, pipeline, NOW)
@@ -70,7 +70,7 @@ def test_a_deletion_mail_suppresses_all_and_opens_a_request_due_in_30_days(store
     assert [(s["address"], s["scope"]) for s in store.suppressions()] == [("ann@example.net", "all")]
     requests = rows(store, "SELECT id, kind, address, status, due_at FROM requests")
     assert requests == [{"id": outcome.request_ids[0], "kind": "deletion", "address": "ann@example.net",
-                         "status": "open", "due_at": (NOW + timedelta(days=30)).isoformat()}]
+                         "status": "awaiting-verification", "due_at": "2026-12-29T12:00:00+00:00"}]
     assert outcome.decision.requests[0].due_at == NOW + timedelta(days=30)
 
 
@@ -82,7 +82,7 @@ def test_an_access_mail_opens_a_request_and_suppresses_nothing(store, pipeline, 
     assert outcome.classification.kind is Kind.ACCESS
     assert store.suppressions() == []
     assert [(r["kind"], r["address"], r["status"]) for r in rows(store, "SELECT * FROM requests")] == [
-        ("access", "ann@example.net", "open")]
+        ("access", "ann@example.net", "awaiting-verification")]
     assert store.history("ann@example.net", NOW).open_requests == {"access"}
 
 

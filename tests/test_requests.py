@@ -45,7 +45,7 @@ def test_a_childs_request_comes_first_and_has_the_shorter_deadline(database):
     rows = listed(database)
     assert [r["address"] for r in rows] == ["cleo@example.net", "ann@example.net", "bob@example.net"]
     assert rows[0]["flags"] == "child" and rows[0]["due_at"] < rows[1]["due_at"]
-    assert all(r["status"] == "open" and r["reference"][:2] in ("A-", "D-") for r in rows)
+    assert all(r["status"] == "awaiting-verification" and r["reference"][:2] in ("A-", "D-") for r in rows)
 
 
 def test_overdue_lists_only_what_is_past_its_due_date(database):
@@ -64,7 +64,7 @@ def test_extend_and_reject_are_audited(database):
     shown = json.loads(run(database, "show", str(ann["id"]), "--json").stdout)
     assert shown["status"] == "rejected" and shown["due_at"].startswith("2027-01-28")
     again = run(database, "reject", str(ann["id"]), "--reason", "twice")
-    assert again.returncode == 8 and "not open" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 8 and "no longer open" in again.stderr and "Traceback" not in again.stderr
     with Store(database) as store:
         events = [row[0] for row in store.db.execute("SELECT event FROM audit ORDER BY id")]
         assert events.count("request.extend") == 1 and events.count("request.reject") == 1
