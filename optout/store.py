@@ -349,7 +349,7 @@ class Store:
                              "jurisdiction": effect.jurisdiction})
             for request_id in decision.verify:
                 verified = self.db.execute(
-                    "UPDATE requests SET status = 'verified', verified_at = ?, token_hash = NULL "
+                    "UPDATE requests SET status = 'verified', verified_at = ? "
                     "WHERE id = ? AND status = 'awaiting-verification'", [at, request_id]).rowcount
                 if verified:
                     self._audit(at, "request.verified", message.sender, key, {"id": request_id})
@@ -504,10 +504,10 @@ class Store:
                 erased = self._erase(address, key, at, *erase)
                 detail = {**detail, "erased": erased}
             if status is not None:
+                # The token's hash stays: a second use is then told apart from a token never issued.
                 self.db.execute("UPDATE requests SET status = ?, closed_at = CASE WHEN ? THEN ? ELSE closed_at END, "
-                                "resolution = coalesce(?, resolution), token_hash = CASE WHEN ? THEN NULL "
-                                "ELSE token_hash END WHERE id = ?",
-                                [status, status in CLOSED, at, resolution, status in CLOSED, request_id])
+                                "resolution = coalesce(?, resolution) WHERE id = ?",
+                                [status, status in CLOSED, at, resolution, request_id])
             if due_at is not None:
                 self.db.execute("UPDATE requests SET due_at = ?, extended_days = extended_days + ? WHERE id = ?",
                                 [_iso(due_at), extended_days, request_id])
