@@ -135,6 +135,10 @@ def test_all_problems_are_reported_at_once(tmp_path):
 
 
 @pytest.mark.parametrize("text, key", [
+    ("[requests]\njurisdiction = 'lgpd'\n", "requests.jurisdiction"),
+    ("[requests]\nfulfil = 'sometimes'\n", "requests.fulfil"),
+    ("[contacts]\ntables = ['customers']\n", "contacts.tables"),
+    ("[contacts]\ntables = ['customers.email; DROP TABLE x']\n", "contacts.tables"),
     ("[requests]\ndays = '30'\n", "requests.days"),
     ("[requests]\ndays = 30.5\n", "requests.days"),
     ("[replies]\ndaily_cap = true\n", "replies.daily_cap"),

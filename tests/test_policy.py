@@ -99,3 +99,53 @@ def test_never_reply_rules(lexicon):
     assert not never(lexicon, make_mail(body, sender="noreply@shop.example"))[0]
     assert not never(lexicon, make_mail(body, to="undisclosed-recipients:;"))[0]
     assert never(lexicon, make_mail(body, sender="privacy@example.com"), ("privacy@example.com",)) == (False, "our own address")
+
+
+def test_deadlines_follow_the_jurisdiction():
+    from datetime import datetime, timezone
+
+    from optout.policy import add_business_days, add_months, request_deadlines
+
+    friday = datetime(2026, 11, 27, 9, 0, tzinfo=timezone.utc)
+    assert add_business_days(friday, 10) == datetime(2026, 12, 11, 9, 0, tzinfo=timezone.utc)
+    assert add_months(datetime(2027, 1, 31, tzinfo=timezone.utc), 1) == datetime(2027, 2, 28, tzinfo=timezone.utc)
+    assert add_months(datetime(2028, 1, 31, tzinfo=timezone.utc), 1).day == 29  # a leap year
+    assert add_months(datetime(2026, 12, 15, tzinfo=timezone.utc), 1) == datetime(2027, 1, 15, tzinfo=timezone.utc)
+
+    assert request_deadlines(friday, Rules()) == (None, datetime(2026, 12, 27, 9, 0, tzinfo=timezone.utc))
+    ack, due = request_deadlines(friday, Rules(jurisdiction="ccpa"))
+    assert (ack, due) == (datetime(2026, 12, 11, 9, 0, tzinfo=timezone.utc), friday + timedelta(days=45))
+    assert request_deadlines(friday, Rules(request_days=20))[1] == friday + timedelta(days=20)
+    assert request_deadlines(friday, Rules(jurisdiction="ccpa"), child=True)[1] == friday + timedelta(days=14)
+
+
+def test_a_new_request_carries_the_confirmation_token_and_a_confirmation_verifies_only(lexicon):
+    from optout.model import Confirmation
+
+    message = parse_message(make_mail("Please delete all my personal data."))
+    classification = classify(message, lexicon)
+    decision = decide(message, classification, History(), NOW, Rules(), new_token="abcdefghijklmnop")
+    (request,) = decision.requests
+    assert request.token == "abcdefghijklmnop" and request.token_expires_at == NOW + timedelta(days=7)
+    assert decision.reply.confirm_token == "abcdefghijklmnop"
+    assert "abcdefghijklmnop" not in repr(request)  # a token never reaches a log line through repr()
+
+    confirmed = decide(message, classification, History(), NOW, Rules(),
+                       confirmation=Confirmation("abcdefghijklmnop", "valid", 7, "D-X", "deletion"))
+    assert (confirmed.action, confirmed.verify, confirmed.requests, confirmed.suppressions) == ("verify", (7,), (), ())
+    refused = decide(message, classification, History(), NOW, Rules(),
+                     confirmation=Confirmation("abcdefghijklmnop", "other-address", 7, "D-X", "deletion"))
+    assert refused.verify == () and refused.requests  # judged on its words: the sender's own request
+
+
+def test_confirmation_tokens_are_found_in_the_address_or_the_subject():
+    from optout.policy import confirm_tokens
+
+    plus = parse_message(make_mail("ok", to="privacy+confirm-abcdefghijklmnop@example.com"))
+    assert confirm_tokens(plus, ("privacy@example.com",)) == ["abcdefghijklmnop"]
+    other = parse_message(make_mail("ok", to="sales+confirm-abcdefghijklmnop@example.com"))
+    assert confirm_tokens(other, ("privacy@example.com",)) == []
+    subject = parse_message(make_mail("ok", subject="Re: Your request [A-X confirm-QRSTUVWXYZ234567]"))
+    assert confirm_tokens(subject, ("privacy@example.com",)) == ["qrstuvwxyz234567"]
+    longer = parse_message(make_mail("ok", subject="confirm-abcdefghijklmnopq"))
+    assert confirm_tokens(longer, ("privacy@example.com",)) == []

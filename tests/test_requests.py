@@ -74,3 +74,59 @@ def test_extend_and_reject_are_audited(database):
 def test_an_unknown_request_is_a_clear_error(database):
     result = run(database, "show", "D-NOPE0000")
     assert result.returncode == 4 and "no request" in result.stderr
+
+
+def test_extensions_stop_at_what_the_jurisdiction_allows(database):
+    ann = next(r for r in listed(database) if r["address"] == "ann@example.net")
+    assert run(database, "extend", ann["reference"], "--days", "45", "--reason", "complex").returncode == 0
+    refused = run(database, "extend", ann["reference"], "--days", "30", "--reason", "more")
+    assert refused.returncode == 8 and "GDPR allows 61 days" in refused.stderr
+    shown = json.loads(run(database, "show", ann["reference"], "--json").stdout)
+    assert shown["extended_days"] == 45
+
+
+def test_a_rejection_is_told_to_the_requester_unless_asked_not_to(database):
+    ann = next(r for r in listed(database) if r["address"] == "ann@example.net")
+    bob = next(r for r in listed(database) if r["address"] == "bob@example.net")
+    assert run(database, "reject", ann["reference"], "--reason", "We hold no account for this address.").returncode == 0
+    assert run(database, "reject", bob["reference"], "--reason", "duplicate", "--no-reply").returncode == 0
+    with Store(database) as store:
+        queued = store.outbox()
+    assert [(r["to_address"], r["kind"]) for r in queued] == [("ann@example.net", "request-rejected")]
+    with Store(database) as store:
+        raw = store.db.execute("SELECT raw FROM outbox").fetchone()[0]
+    assert b"We hold no account for this address." in raw
+
+
+def test_the_yearly_report_counts_per_kind_with_the_median_days_to_answer(database):
+    rows = listed(database)
+    ann = next(r for r in rows if r["address"] == "ann@example.net")
+    bob = next(r for r in rows if r["address"] == "bob@example.net")
+    assert run(database, "reject", ann["reference"], "--reason", "no", "--no-reply",
+               now="2026-12-09T12:00:00+00:00").returncode == 0
+    with Store(database) as store:  # Bob confirmed; an admin fulfils (the deletion) on 2026-12-03
+        store.db.execute("UPDATE requests SET status = 'verified' WHERE id = ?", [bob["id"]])
+    assert run(database, "fulfil", bob["reference"], now="2026-12-03T12:00:00+00:00").returncode == 0
+    result = run(database, "report", "--year", "2026", "--json")
+    report = json.loads(result.stdout)["kinds"]
+    assert report["access"] == {"received": 1, "complied": 0, "denied": 1, "expired": 0, "pending": 0,
+                                "median_days": 10.0}
+    assert report["deletion"] == {"received": 2, "complied": 1, "denied": 0, "expired": 0, "pending": 1,
+                                  "median_days": 4.0}
+    table = run(database, "report", "--year", "2026").stdout
+    assert "median days to answer" in table and "deletion" in table
+    assert "No requests received in 2025" in run(database, "report", "--year", "2025").stdout
+
+
+def test_ccpa_requests_are_overdue_when_unacknowledged_after_ten_business_days(tmp_path, lexicon):
+    from optout.policy import Rules
+
+    path = tmp_path / "ccpa.db"
+    with Store(path) as store:  # no templates: no acknowledgement could be sent
+        process(make_mail("Please send me the personal information you collected about me.", sender="dan@example.net",
+                          message_id="<ccpa@example.net>"), "file", store, Pipeline(lexicon, rules=Rules(jurisdiction="ccpa")),
+                NOW)
+    (row,) = listed(path)
+    assert row["jurisdiction"] == "ccpa" and row["ack_due_at"].startswith("2026-12-11") and row["due_at"].startswith("2027-01-13")
+    assert listed(path, "--overdue", now="2026-12-11T00:00:00+00:00") == []
+    assert [r["address"] for r in listed(path, "--overdue", now="2026-12-12T00:00:00+00:00")] == ["dan@example.net"]
