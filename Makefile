@@ -41,11 +41,9 @@ run: install
 test: install test-deps
 	$(BIN)/pytest -q
 
+# Every benchmark, then one table of figures beside their ceilings (`bench/run.py --quick` for small sizes).
 bench: install test-deps
-	$(BIN)/python bench/classify.py
-	$(BIN)/python bench/smtp_ingest.py
-	$(BIN)/python bench/imap_backlog.py
-	$(BIN)/python bench/scrub.py
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache

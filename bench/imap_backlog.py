@@ -30,6 +30,8 @@ logging.getLogger("flanker").setLevel(logging.ERROR)
 
 from imapclient import IMAPClient  # noqa: E402
 
+from figures import peak_rss_kib, record  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -149,18 +151,6 @@ def ceiling(mailbox) -> tuple[int, float]:
     return count, time.perf_counter() - started
 
 
-def peak_rss_kib(pid: int) -> int:
-    """Return the process's peak resident set so far (VmHWM: the kernel's high-water mark, no sample missed)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def tree_rss_kib(pid: int) -> int:
     """Return the resident set of a process and all its descendants now (the workers that examine mail)."""
     total = 0
@@ -277,6 +267,8 @@ def main() -> None:
         print(f"{'optout, from its first ledger row':44}{(total - 1) / rest:>10,.0f}{rest:>10.2f}"
               f"   (start-up, imports and login: {result['first_row']:.2f} s)")
     print(f"ratio: {our_rate / bare_rate:.2f} of the ceiling end to end (aim: at least 0.50)")
+    record(f"IMAP backlog of {total:,}, run --once (ceiling: FETCH x1000 + flanker)", our_rate, bare_rate, "msg/s",
+           result["peak_kib"] / 1024, aim="0.50", note=f"with workers {result['tree_peak_kib'] / 1024:.0f} MiB")
     for milestone, peak in sorted(result["milestones"].items()):
         print(f"peak RSS of optout after {milestone:>6,} messages: {peak / 1024:7.1f} MiB")
     # VmHWM, not getrusage(RUSAGE_CHILDREN): a child's ru_maxrss also counts the pages it shared with this

@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 from optout.model import drop_hash
+
+from figures import record, run_watched
+
+PEAKS: list[float] = []
 from optout.store import Store
 
 OPTOUT = Path(sys.executable).parent / "optout"
@@ -71,12 +75,11 @@ def time_scrub(database: Path, sendlist: Path, clean: Path, scope: str | None) -
     args = [str(OPTOUT), "--database", str(database), "scrub", str(sendlist), "--column", "email", "-o", str(clean)]
     if scope:
         args += ["--scope", scope]
-    start = time.perf_counter()
-    result = subprocess.run(args, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    result, elapsed, peak = run_watched(args, env=env)
     if result.returncode:
         sys.exit(f"optout scrub failed: {result.stderr.strip()}")
     print(f"    {result.stderr.strip()}")
+    PEAKS.append(peak)
     return elapsed
 
 
@@ -123,7 +126,10 @@ def main() -> None:
         print(f"optout scrub (subprocess, end to end): {scrub_time:.2f} s, "
               f"{options.rows / scrub_time / 1e6:.2f}M rows/s")
         print(f"bare SQLite anti-join (temp table):    {join_time:.2f} s, {options.rows / join_time / 1e6:.2f}M rows/s")
-        print(f"ratio scrub / bare join: {scrub_time / join_time:.2f}x (medians of {options.rounds} rounds)")
+        print(f"ratio scrub / bare join: {scrub_time / join_time:.2f}x (medians of {options.rounds} rounds); "
+              f"peak RSS of optout scrub {max(PEAKS):.0f} MiB")
+        record(f"scrub {options.rows:,} rows against {options.suppressions:,} (ceiling: bare SQLite anti-join)",
+               scrub_time, join_time, "s", max(PEAKS), lower_is_better=True)
 
 
 if __name__ == "__main__":

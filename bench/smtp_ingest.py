@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from dovecot import free_port, wait_for_port  # noqa: E402
+from figures import peak_rss_kib, record  # noqa: E402
 from imap_backlog import realistic_messages  # noqa: E402
 
 
@@ -139,6 +140,7 @@ def main() -> None:
         try:
             rates["optout", 1] = load(port, one, 1)
             rates["optout", clients] = load(port, many, clients)
+            peak_mib = peak_rss_kib(process.pid) / 1024
         finally:
             process.send_signal(signal.SIGTERM)
             status = process.wait(60)
@@ -155,7 +157,11 @@ def main() -> None:
         ratio = rates["optout", connections][0] / rates["null", connections][0]
         aim = " (aim: at least 0.50)" if connections == 1 else ""
         print(f"ratio with {connections} connection{'s' if connections > 1 else ''}: {ratio:.2f}{aim}")
-    print(f"optout daemon exit {status}; ledger rows {recorded} of {2 * total} sent")
+    print(f"optout daemon exit {status}; ledger rows {recorded} of {2 * total} sent; peak RSS {peak_mib:.0f} MiB")
+    for connections in (1, clients):
+        record(f"SMTP ingest, {connections} connection{'s' if connections > 1 else ''} (ceiling: null aiosmtpd)",
+               rates["optout", connections][0], rates["null", connections][0], "msg/s", peak_mib,
+               aim="0.50" if connections == 1 else "")
 
 
 if __name__ == "__main__":
