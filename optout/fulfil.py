@@ -79,6 +79,14 @@ def fulfil(store: Store, request_id: int, now: datetime, fulfilment: Fulfilment,
     return erased
 
 
+def hold(store: Store, request_id: int, now: datetime, fulfilment: Fulfilment) -> None:
+    """Tell the requester a confirmed request is in a person's hands (fulfilment held for an admin), audited."""
+    request = _request(store, request_id)
+    rendered = _render(store, request, "request-verified", now, fulfilment)
+    store.change_request(request_id, now, "request.held", {"reason": "fulfilment is held for an admin"},
+                         reply=rendered)
+
+
 def reject(store: Store, request_id: int, now: datetime, fulfilment: Fulfilment, reason: str,
            notify: bool = True) -> None:
     """Reject an open request with a reason (audited); tell the requester unless `notify` is False."""

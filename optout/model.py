@@ -249,6 +249,7 @@ class History:
     open_requests: frozenset[str] = frozenset()
     replies_today: int = 0
     replied_today: frozenset[str] = frozenset()
+    awaiting: tuple[tuple[str, str, datetime], ...] = ()  # (kind, reference, due_at) of requests not yet confirmed
 
 
 @dataclass(frozen=True)
@@ -263,3 +264,4 @@ class Decision:
     notes: tuple[str, ...] = field(default=())
     reply: Reply | None = None
     verify: tuple[int, ...] = ()  # request ids this message confirms
+    reissue: tuple[OpenRequest, ...] = ()  # a request asked again before it was confirmed: a fresh token for it

@@ -251,20 +251,33 @@ def decide(message: Message, classification: Classification, history: History, n
         suppressions = tuple(Suppress(message.sender, display, scope, reason) for scope in scopes
                              if scope not in history.suppressed_scopes)
     requests: tuple[OpenRequest, ...] = ()
+    reissue: tuple[OpenRequest, ...] = ()
     notes: tuple[str, ...] = ()
     if kind in (Kind.ACCESS, Kind.DELETION):
-        if kind.value in history.open_requests:
+        waiting = {k: (reference, due) for k, reference, due in history.awaiting}
+        if kind.value in waiting and new_token:
+            # Asked again before confirming: the acknowledgement was probably lost. Send it again with a
+            # fresh token (the old one stops working), under the same reference and due date.
+            reference, due = waiting[kind.value]
+            reissue = (OpenRequest(kind, message.sender, display, due, classification.flags, classification.language,
+                                   reference, None, rules.jurisdiction, new_token,
+                                   now + timedelta(days=rules.verify_days)),)
+            notes = (f"{reference} asked again before it was confirmed",)
+        elif kind.value in history.open_requests:
             notes = (f"an {kind.value} request is already open",)
         else:
             ack_due, due = request_deadlines(now, rules, "child" in classification.flags)
             requests = (OpenRequest(kind, message.sender, display, due, classification.flags, classification.language,
                                     request_reference(kind, message.key), ack_due, rules.jurisdiction, new_token,
                                     now + timedelta(days=rules.verify_days) if new_token else None),)
-    reply = _reply(message, classification, history, rules, requests, may_reply, no_reply_reason, notes)
-    if not suppressions and not requests:
+    reply = _reply(message, classification, history, rules, requests or reissue, may_reply, no_reply_reason, notes)
+    if reply.get("reply") is None:
+        reissue = ()  # a fresh token nobody is told of would only disable the one the requester has
+    if not suppressions and not requests and not reissue:
         return Decision("nothing", notes=notes or ("already suppressed",), **reply)
-    action = "+".join(a for a, present in (("suppress", suppressions), ("open-request", requests)) if present)
-    return Decision(action, suppressions, requests, notes=notes, **reply)
+    action = "+".join(a for a, present in (("suppress", suppressions), ("open-request", requests),
+                                           ("reissue", reissue)) if present)
+    return Decision(action, suppressions, requests, notes=notes, reissue=reissue, **reply)
 
 
 def _token_decision(message: Message, classification: Classification, token: TokenMatch) -> Decision:

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from optout.classify import classify, is_unsubscribe_address
 from optout.errors import StoreError
-from optout.fulfil import Fulfilment, fulfil
+from optout.fulfil import Fulfilment, fulfil, hold
 from optout.lexicon import Lexicon
 from optout.model import Classification, Confirmation, Decision, Kind, Message, TokenMatch
 from optout.parse import parse_message
@@ -92,11 +92,12 @@ def complete(message: Message, classification: Classification, source: str, stor
         except Exception as error:  # a broken template costs the reply, never the suppression
             log.error("reply to %s not rendered: %s: %s", message.key[:60], type(error).__name__, str(error)[:200])
     recorded = store.record(message, classification, decision, source, now, rendered)
-    if decision.verify and not recorded.duplicate and pipeline.fulfilment and pipeline.fulfilment.automatic:
+    if decision.verify and not recorded.duplicate and pipeline.fulfilment:
+        act = fulfil if pipeline.fulfilment.automatic else hold
         for request_id in decision.verify:
             try:
-                fulfil(store, request_id, now, pipeline.fulfilment)
-            except Exception as error:  # the confirmation is recorded (and acknowledged); the next sweep tries again
+                act(store, request_id, now, pipeline.fulfilment)
+            except Exception as error:  # the confirmation is recorded (and acknowledged); a sweep fulfils it later
                 log.error("request %s verified but not fulfilled: %s: %s", request_id, type(error).__name__,
                           str(error)[:200])
     return Outcome(message.key, source, recorded.duplicate, message, classification, decision, recorded.request_ids,

@@ -292,7 +292,10 @@ class Store:
         since = _iso(now - timedelta(days=1))
         replied = [row[0] for row in self.db.execute(
             "SELECT kind FROM outbox WHERE to_address = ? AND created_at >= ?", [address, since])]
-        return History(frozenset(scopes), frozenset(open_kinds), len(replied), frozenset(replied))
+        awaiting = tuple((kind, reference, datetime.fromisoformat(due)) for kind, reference, due in self.db.execute(
+            "SELECT kind, reference, due_at FROM requests WHERE address = ? AND status = 'awaiting-verification' "
+            "AND reference IS NOT NULL ORDER BY id", [address]))
+        return History(frozenset(scopes), frozenset(open_kinds), len(replied), frozenset(replied), awaiting)
 
     def record(self, message: Message, classification: Classification, decision: Decision, source: str,
                now: datetime, reply=None) -> Recorded:
@@ -347,6 +350,13 @@ class Store:
                             {"id": cursor.lastrowid, "reference": effect.reference, "kind": effect.kind.value,
                              "due_at": _iso(effect.due_at), "flags": list(effect.flags),
                              "jurisdiction": effect.jurisdiction})
+            for effect in decision.reissue:
+                reissued = self.db.execute(
+                    "UPDATE requests SET token_hash = ?, token_expires_at = ? WHERE reference = ? "
+                    "AND status = 'awaiting-verification'",
+                    [token_hash(effect.token), _iso(effect.token_expires_at), effect.reference]).rowcount
+                if reissued:
+                    self._audit(at, "request.reissue", effect.address, key, {"reference": effect.reference})
             for request_id in decision.verify:
                 verified = self.db.execute(
                     "UPDATE requests SET status = 'verified', verified_at = ? "

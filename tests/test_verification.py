@@ -277,12 +277,11 @@ def test_held_requests_wait_for_an_admin_who_fulfils_them(desk, tmp_path):
                           message_id="<a3@example.net>"))
     ack = office.wait_for_mail(1)
     office.send(answer(ack, "Confirmed."), to=f"privacy+confirm-{token_of(ack)}@example.com")
-    deadline = time.monotonic() + 10
-    while office.request()["status"] != "verified":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    confirmed = office.wait_for_mail(2)
+    assert office.request()["status"] == "verified"
+    assert "confirm" in confirmed.message["Subject"] and not list(confirmed.message.iter_attachments())
     time.sleep(0.5)
-    assert len(office.relay.received) == 1  # held: nothing sent yet
+    assert len(office.relay.received) == 2  # held: no data yet, only word that a person deals with it
 
     env = optout_env(OPTOUT_DATABASE=str(office.database), OPTOUT_NOW=NOW.isoformat())
     config = tmp_path / "optout.toml"
@@ -295,8 +294,45 @@ def test_held_requests_wait_for_an_admin_who_fulfils_them(desk, tmp_path):
     fulfilled = subprocess.run(optout_command() + ["--config", str(config), "requests", "fulfil", "1"],
                                capture_output=True, text=True, env=env)
     assert fulfilled.returncode == 0 and "fulfilled" in fulfilled.stdout, fulfilled.stderr
-    data_mail = office.wait_for_mail(2)
-    assert data_mail.rcpt_tos == ["ann@example.net"]
+    data_mail = office.wait_for_mail(3)
+    assert data_mail.rcpt_tos == ["ann@example.net"] and list(data_mail.message.iter_attachments())
     again = subprocess.run(optout_command() + ["--config", str(config), "requests", "fulfil", "1"],
                            capture_output=True, text=True, env=env)
     assert again.returncode == 8 and "fulfilled" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_asking_again_before_confirming_resends_the_acknowledgement_with_a_fresh_token(desk):
+    office = desk()
+    office.send(make_mail("Please send me a copy of my personal data.", subject="Copy", sender=ANN,
+                          message_id="<a5@example.net>"))
+    first = office.wait_for_mail(1)
+    office.send(make_mail("Did you get my request? Please send me a copy of my personal data.", subject="Copy?",
+                          sender=ANN, message_id="<a6@example.net>"))
+    time.sleep(0.5)
+    assert len(office.relay.received) == 1  # one acknowledgement of a kind a day
+
+    office.clock.now = NOW + timedelta(days=2)
+    office.send(make_mail("Third try: please send me a copy of my personal data.", subject="Copy!!",
+                          sender=ANN, message_id="<a7@example.net>"))
+    second = office.wait_for_mail(2)
+    assert token_of(second) != token_of(first)
+    reference = re.search(r"\[(A-\w+) ", first.message["Subject"]).group(1)
+    assert f"[{reference} " in second.message["Subject"]  # the same request, not a new one
+    assert query(office.database, "SELECT count(*) FROM requests") == [(1,)]
+
+    office.send(answer(first, "Confirmed (the first mail)."), to=f"privacy+confirm-{token_of(first)}@example.com")
+    time.sleep(0.5)
+    assert [e["status"] for e in office.audit("confirmation.refused")] == ["unknown"]
+    office.send(answer(second, "Confirmed."), to=f"privacy+confirm-{token_of(second)}@example.com")
+    office.wait_for_mail(3)
+    assert office.request()["status"] == "fulfilled"
+
+
+def test_the_daemon_expires_unconfirmed_requests_on_its_own(desk):
+    office = desk()
+    office.send(make_mail("Please erase my data.", subject="Erase", sender=ANN, message_id="<d8@example.net>"))
+    office.wait_for_mail(1)
+    office.clock.now = NOW + timedelta(days=7, minutes=1)
+    closed = office.wait_for_mail(2)
+    assert "was not confirmed" in closed.message["Subject"]
+    assert office.request()["status"] == "expired"
