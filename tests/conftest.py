@@ -191,3 +191,13 @@ def smtp_daemon(tmp_path, lexicon):
             loop.run(daemon.stop(grace=5))
     finally:
         loop.close()
+
+
+@pytest.fixture
+def relay():
+    """A second aiosmtpd on loopback playing the relay: it collects what optout sends (see tests/relay.py)."""
+    from relay import Relay
+
+    server = Relay()
+    yield server
+    server.close()

@@ -21,7 +21,6 @@ from optout.replies import template_environment
 from optout.store import Store
 
 from conftest import NOW, make_mail
-from relay import Relay
 
 OPTOUT = Path(sys.executable).parent / "optout"
 
@@ -37,13 +36,6 @@ class Clock:
 
     def advance(self, **delta):
         self.now += timedelta(**delta)
-
-
-@pytest.fixture
-def relay():
-    server = Relay()
-    yield server
-    server.close()
 
 
 @pytest.fixture

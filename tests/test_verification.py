@@ -93,13 +93,6 @@ class Desk:
 
 
 @pytest.fixture
-def relay():
-    server = Relay()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def desk(tmp_path, relay):
     started: list[Desk] = []
 
