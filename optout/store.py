@@ -819,13 +819,18 @@ class Store:
     def add_suppressions(self, entries, now: datetime, source: str) -> list[dict]:
         """Add (address, display, scope, reason) entries in one transaction, auditing each new row; return the new ones.
 
-        An entry whose address is already suppressed in that scope changes nothing and is not audited.
+        An entry whose address is already suppressed in that scope changes nothing and is not audited; nor does
+        one whose address was erased (a deletion tombstone holds its hash): it stays suppressed everywhere, and
+        an import does not bring the address back into the database.
         """
         at = _iso(now)
         added: list[dict] = []
         self._begin()
         try:
             for address, display, scope, reason in entries:
+                if self.db.execute("SELECT 1 FROM suppressions WHERE address IS NULL AND address_hash = ? "
+                                   "AND scope = 'all'", [drop_hash(address)]).fetchone():
+                    continue
                 inserted = self.db.execute(
                     """INSERT INTO suppressions (address, address_hash, display, scope, reason, source_key, created_at)
                        VALUES (?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (address, scope) DO NOTHING""",

@@ -261,6 +261,10 @@ def test_deletion_leaves_no_trace_of_the_address_in_the_database_files_but_a_tom
     scrub = subprocess.run(optout_command() + ["scrub", str(sendlist), "--column", "email"], capture_output=True,
                            text=True, env=optout_env(OPTOUT_DATABASE=str(office.database)))
     assert scrub.returncode == 0 and "ann@example.net" not in scrub.stdout and "carol@example.net" in scrub.stdout
+    imported = subprocess.run(optout_command() + ["suppression", "import", str(sendlist)], capture_output=True,
+                              text=True, env=optout_env(OPTOUT_DATABASE=str(office.database)))
+    assert imported.returncode == 0 and "1 suppressions added, 1 already there" in imported.stdout, imported.stdout
+    assert b"ann@example.net" not in office.database.read_bytes().lower()
     office.relay.received.clear()
 
 
