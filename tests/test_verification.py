@@ -333,3 +333,22 @@ def test_the_daemon_expires_unconfirmed_requests_on_its_own(desk):
     closed = office.wait_for_mail(2)
     assert "was not confirmed" in closed.message["Subject"]
     assert office.request()["status"] == "expired"
+
+
+def test_a_forged_from_cannot_obtain_anyones_data(desk):
+    office = desk()
+    # Mallory writes as Ann, from Mallory's own server, asking for Ann's data to be sent to Mallory.
+    office.send(make_mail("Send me a copy of all my personal data. Send it to mallory@example.org please.",
+                          subject="My data", sender=ANN, message_id="<forged1@example.org>",
+                          headers={"Reply-To": MALLORY, "Sender": MALLORY}), sender="mallory@example.org")
+    ack = office.wait_for_mail(1)
+    assert ack.rcpt_tos == ["ann@example.net"]  # the token goes to Ann, whom Mallory cannot read
+    # Mallory, not having the token, guesses; and forges Ann's From again, with a guess in the subject.
+    for guess in ("abcdefghijklmnop", "qrstuvwxyz234567"):
+        office.send(make_mail("Confirmed.", subject=f"Re: My data [confirm-{guess}]", sender=ANN,
+                              to=f"privacy+confirm-{guess}@example.com", message_id=f"<{guess}@example.org>"),
+                    to=f"privacy+confirm-{guess}@example.com", sender="mallory@example.org")
+    time.sleep(1.0)
+    assert [e["status"] for e in office.audit("confirmation.refused")] == ["unknown", "unknown"]
+    assert office.request()["status"] == "awaiting-verification"
+    assert [m.rcpt_tos for m in office.relay.received] == [["ann@example.net"]]
