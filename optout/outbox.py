@@ -6,13 +6,15 @@
 - Every attempt is recorded. Past the hourly cap, replies wait in the outbox and a warning is logged:
   a flood of forged opt-outs must not turn us into a spam cannon.
 - Replies go out with a null envelope sender (RFC 3834 §3.3), so nothing bounces back into a loop.
-- With no relay configured, replies are written to a maildir (var/sent/ by default) for a person to read.
+- With no relay configured, replies are written to a maildir (var/sent/ by default) for a person to read,
+  one file per Message-ID: there a retry after a crash writes nothing twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import mailbox
+import os
 import smtplib
 import ssl
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ class DeliveryError(Exception):
 class Transport(Protocol):
     """Something that delivers one reply or raises DeliveryError."""
 
-    def send(self, raw: bytes, recipient: str) -> None: ...
+    def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -92,7 +94,7 @@ class RelayTransport:
             raise DeliveryError(f"relay {s.host}:{s.port} unreachable: {error}", permanent=False) from None
         return client
 
-    def send(self, raw: bytes, recipient: str) -> None:
+    def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None:
         """Hand one reply to the relay with a null envelope sender."""
         if self.client is None:
             self.client = self._connect()
@@ -122,16 +124,32 @@ class RelayTransport:
 
 
 class MaildirTransport:
-    """Write replies to a maildir instead of sending them (the embedded default: read what would be sent)."""
+    """Write replies to a maildir instead of sending them (the embedded default: read what would be sent).
+
+    A reply's file is named after its Message-ID and written to tmp/ then renamed into new/, so a reply
+    written just before a crash, and so never marked sent, is not written a second time by the retry.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._read: set[str] | None = None
 
-    def send(self, raw: bytes, recipient: str) -> None:
-        """Add the reply to the maildir."""
+    def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None:
+        """Add the reply to the maildir, unless a reply with its Message-ID is there already."""
+        name = hashlib.sha256(message_id.encode() if message_id else raw).hexdigest()[:40] + ".optout"
         try:
-            box = mailbox.Maildir(str(self.path), factory=None, create=True)
-            box.add(raw)
+            for folder in ("tmp", "new", "cur"):
+                (self.path / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self._read is None:  # a mail reader renames new/NAME to cur/NAME:2,FLAGS
+                self._read = {entry.partition(":")[0] for entry in os.listdir(self.path / "cur")}
+            if name in self._read or (self.path / "new" / name).exists():
+                return
+            temporary = self.path / "tmp" / name  # what a crash left half-written here is overwritten
+            with open(temporary, "wb") as handle:
+                handle.write(raw)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path / "new" / name)
         except OSError as error:
             raise DeliveryError(f"cannot write to {self.path}: {error.strerror or error}", permanent=False) from None
 
@@ -195,7 +213,7 @@ def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap
                 if signer is not None:
                     raw = signer(raw)
                 try:
-                    transport.send(raw, row["to_address"])
+                    transport.send(raw, row["to_address"], row["message_id"])
                 except DeliveryError as error:
                     attempts = row["attempts"] + 1
                     if error.permanent or attempts >= max_attempts:

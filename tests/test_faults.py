@@ -1,7 +1,10 @@
-"""Faults: kill -9 in the middle of a backlog, a locked database, a client that hangs up in DATA."""
+"""Faults: kill -9 at random moments of a backlog, a locked database, a client that hangs up in DATA."""
 
 from __future__ import annotations
 
+import email
+import os
+import random
 import signal
 import smtplib
 import socket
@@ -13,7 +16,9 @@ from collections import Counter
 import pytest
 
 from conftest import make_mail, optout_command, optout_env, query
+from optout.model import Kind
 from optout.parse import parse_message
+from optout.process import Pipeline, examine
 from optout.store import Store
 
 BODIES = (
@@ -45,55 +50,136 @@ def ledger_count(database) -> int:
     return rows[0][0] if rows else 0
 
 
-@pytest.mark.parametrize("batch_size", [None, 50], ids=["default-batch", "batch-50"])
-def test_kill_9_in_the_middle_of_a_backlog_then_a_rerun_processes_each_message_exactly_once(
-        mailbox, tmp_path, run_optout, batch_size):
-    total = 600
+def kill_moments(rng: random.Random, rounds: int) -> list[tuple[str, float]]:
+    """Draw when to kill each run: after a delay (start-up, connecting, the first batch) or after some new ledger
+    rows (processing, moving) in any order; the last two after some replies are marked sent (replies are flushed
+    once the backlog is drained, so these rounds drain the rest and are killed in the outbox)."""
+    kinds = ["seconds"] * (rounds * 3 // 10)
+    kinds += ["rows"] * (rounds - 2 - len(kinds))
+    rng.shuffle(kinds)
+    draw = {"seconds": lambda: round(rng.uniform(0.05, 1.5), 3), "rows": lambda: rng.randint(1, 250),
+            "sent": lambda: rng.randint(1, 40)}
+    return [(kind, draw[kind]()) for kind in kinds + ["sent", "sent"]]
+
+
+def sent_count(database) -> int:
+    try:
+        rows = query(database, "SELECT count(*) FROM outbox WHERE status = 'sent'")
+    except sqlite3.OperationalError:
+        return 0
+    return rows[0][0] if rows else 0
+
+
+def kill_run(cwd, env, database, how: str, amount: float, jitter: float, deadline: float = 60) -> str:
+    """Start `optout run --once`, SIGKILL it at the drawn moment; return how the round ended."""
+    before, sent_before = ledger_count(database), sent_count(database)
+    log = open(cwd / "run.log", "w+")  # a file, not a pipe: a full pipe would stall the run
+    run = subprocess.Popen(optout_command() + ["run", "--once"], cwd=cwd, env=optout_env(**env),
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        started = time.monotonic()
+        while run.poll() is None:
+            if how == "seconds" and time.monotonic() - started >= amount:
+                break
+            if (how == "rows" and ledger_count(database) - before >= amount
+                    or how == "sent" and sent_count(database) - sent_before >= amount):
+                time.sleep(jitter)  # anywhere in the cycle of one message or reply, or in a batch's moves
+                break
+            assert time.monotonic() - started < deadline, "the run made no progress"
+            time.sleep(0.003)
+        if run.poll() is not None:
+            log.seek(0)
+            assert run.returncode == 0, log.read()[-2000:]
+            return "finished"
+        run.send_signal(signal.SIGKILL)
+        run.wait(10)
+        return "killed"
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+        log.close()
+
+
+def test_ten_kill_9s_at_random_moments_of_a_2000_message_backlog_then_a_clean_run_leave_each_message_once(
+        mailbox, tmp_path, run_optout, lexicon):
+    total, rounds = 2000, 10
+    seed = int(os.environ.get("OPTOUT_FAULT_SEED") or random.SystemRandom().randrange(2 ** 32))
+    print(f"kill -9 rounds: OPTOUT_FAULT_SEED={seed}")
+    rng = random.Random(seed)
     messages = distinct_messages(total)
     mailbox.append(messages)
     database = tmp_path / "optout.db"
-    env = {**mailbox.env(), "OPTOUT_DATABASE": str(database)}
-    if batch_size:
-        (tmp_path / "optout.toml").write_text(f"[imap]\nbatch_size = {batch_size}\n")
-        env["OPTOUT_CONFIG"] = str(tmp_path / "optout.toml")
+    # Batches of 100: moves and checkpoints often enough for kills to land in them too. A cap above the
+    # number of replies: the outbox is flushed (and killed in) as well.
+    (tmp_path / "optout.toml").write_text("[imap]\nbatch_size = 100\n[replies]\nhourly_cap = 5000\n")
+    env = {**mailbox.env(), "OPTOUT_DATABASE": str(database), "OPTOUT_CONFIG": str(tmp_path / "optout.toml")}
 
-    first = subprocess.Popen(optout_command() + ["run", "--once"], cwd=tmp_path, env=optout_env(**env),
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not 50 < ledger_count(database) < total:
-            assert first.poll() is None, f"the run ended (exit {first.returncode}) before it could be killed"
-            assert time.monotonic() < deadline, "the run made no progress"
-            time.sleep(0.005)
-        first.send_signal(signal.SIGKILL)
-    finally:
-        first.kill()
-        first.wait(10)
-    committed = ledger_count(database)
-    left = mailbox.counts()["INBOX"]
+    story = []
+    for number, (how, amount) in enumerate(kill_moments(rng, rounds)):
+        jitter = round(rng.uniform(0, 0.03), 4)
+        before, inbox_before = ledger_count(database), mailbox.counts().get("INBOX", 0)
+        ended = kill_run(tmp_path, env, database, how, amount, jitter)
+        story.append((number, how, amount, jitter, ended, before, ledger_count(database), inbox_before,
+                      sent_count(database)))
+    print("round: kill after, jitter, ended, ledger before -> after, INBOX before, replies sent:")
+    for number, how, amount, jitter, ended, before, after, inbox, sent in story:
+        print(f"  {number}: {amount} {how} +{jitter}s, {ended}, {before} -> {after}, {inbox}, {sent}")
+    committed, left = ledger_count(database), mailbox.counts()["INBOX"]
 
-    rerun = run_optout("run", "--once", "--json", env=env)
+    clean = run_optout("run", "--once", "--json", env=env)
+    verify = run_optout("audit", "verify", env=env)
 
-    assert first.returncode == -signal.SIGKILL
-    assert 50 < committed < total
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    context = f"seed {seed}: {story}"
+    assert sum(ended == "killed" for *_, ended, _, _, _, _ in story) >= rounds // 2, context
+    assert any(0 < after - before for *_, ended, before, after, _, _ in story if ended == "killed"), context
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     keys = {parse_message(raw).key for raw in messages}
     assert len(keys) == total
-    assert {row[0] for row in query(database, "SELECT key FROM ledger")} == keys
+    ledger = [row[0] for row in query(database, "SELECT key FROM ledger")]
+    assert len(ledger) == total and set(ledger) == keys, context
     assert query(database, "SELECT count(*), count(DISTINCT message_key) FROM audit WHERE event = 'message'") \
-        == [(total, total)]
-    assert query(database, "SELECT address, scope FROM suppressions GROUP BY address, scope HAVING count(*) > 1") == []
-    assert query(database, "SELECT message_key FROM requests GROUP BY message_key, kind HAVING count(*) > 1") == []
+        == [(total, total)], context
+    # Every opt-out is on the list: the sender of each message the classifier calls an opt-out, in its scope
+    # or in `all`, which covers every scope (once an address is suppressed in `all`, no narrower row is added).
+    pipeline = Pipeline(lexicon)
+    expected = set()
+    for raw in messages[:len(BODIES) * 97]:
+        message, classification = examine(raw, pipeline)
+        if classification.kind is Kind.OPT_OUT:
+            expected.add((message.sender, str(classification.scope)))
+    suppressions = set(query(database, "SELECT address, scope FROM suppressions"))
+    missing = {(address, scope) for address, scope in expected
+               if (address, scope) not in suppressions and (address, "all") not in suppressions}
+    assert len(expected) >= 97 and not missing, (missing, context)
+    assert query(database, "SELECT kind, message_key FROM requests GROUP BY kind, message_key HAVING count(*) > 1") == []
     assert query(database, "SELECT address, kind FROM requests WHERE status = 'open' "
-                           "GROUP BY address, kind HAVING count(*) > 1") == []
-    with Store(database) as store:
-        assert store.verify_audit() is None
+                           "GROUP BY address, kind HAVING count(*) > 1") == [], context
+    # No reply twice: one per message at most, each sent, each written to the sent maildir exactly once.
+    outbox = query(database, "SELECT message_key, message_id, status FROM outbox")
+    assert outbox and len({key for key, _, _ in outbox}) == len(outbox), context
+    assert {status for _, _, status in outbox} == {"sent"}, context
+    maildir = tmp_path / "var" / "sent"
+    sent = [email.message_from_bytes(path.read_bytes())["Message-ID"] for folder in ("new", "cur")
+            for path in (maildir / folder).iterdir()]
+    assert sorted(sent) == sorted(message_id for _, message_id, _ in outbox), context
+    assert list((maildir / "tmp").iterdir()) == [], context
+    # The mailbox: nothing left in INBOX, every message filed exactly once.
     counts = mailbox.counts()
-    assert counts["INBOX"] == 0
-    assert sum(counts.values()) == total
-    filed = Counter(parse_message(raw).key for folder in counts for raw, _ in mailbox.messages(folder))
-    assert filed == Counter(keys)
-    assert left > 0
+    assert counts["INBOX"] == 0 and sum(counts.values()) == total, (counts, context)
+    filed = Counter(message_id for folder in counts for message_id in message_ids(mailbox, folder))
+    assert filed == Counter(f"<fault-{n:05d}@example.net>" for n in range(total)), context
+    assert left < total and committed > 0, context
+
+
+def message_ids(mailbox, folder: str) -> list[str]:
+    """Return the Message-ID of every message in a folder, read without setting \\Seen."""
+    with mailbox.client() as client:
+        client.select_folder(folder, readonly=True)
+        fetched = client.fetch(client.search(["ALL"]), ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+        return [email.message_from_bytes(item[b"BODY[HEADER.FIELDS (MESSAGE-ID)]"])["Message-ID"]
+                for item in fetched.values()]
 
 
 def test_a_locked_database_stops_the_run_with_75_and_leaves_the_mail_in_place(mailbox, tmp_path, run_optout):
