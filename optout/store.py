@@ -235,7 +235,7 @@ class Store:
                     self.db.execute(f"PRAGMA user_version = {number}")
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     def seen(self, key: str) -> bool:
@@ -276,7 +276,7 @@ class Store:
                  ",".join(classification.flags), decision.action, int(decision.may_reply), decision.no_reply_reason,
                  int(message.malformed), message.size]).rowcount
             if not inserted:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 return Recorded(duplicate=True)
             self._audit(at, "message", message.sender, key, {
                 "source": source, "kind": classification.kind.value, "reason": classification.reason,
@@ -313,10 +313,10 @@ class Store:
                             {"template": reply.template, "language": reply.language, "message_id": reply.message_id})
             self.db.execute("COMMIT")
         except sqlite3.OperationalError as error:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise _store_error(error, self.path) from error
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
         return Recorded(False, added, tuple(request_ids))
 
@@ -356,7 +356,7 @@ class Store:
         """Record one delivery attempt: sent, retry (with the next attempt's time) or failed."""
         at = _iso(now)
         status = {"sent": "sent", "retry": "queued", "failed": "failed"}[result]
-        self.db.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             self.db.execute(
                 "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
@@ -371,8 +371,10 @@ class Store:
                 if row:
                     self._audit(at, f"reply.{result}", row[0], row[1], {"message_id": row[2], "detail": detail[:200]})
             self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as error:
+            self._rollback()
+            if isinstance(error, sqlite3.OperationalError):
+                raise _store_error(error, self.path) from error
             raise
 
     def outbox(self, status: str | None = None, limit: int = 1000) -> list[dict]:
@@ -439,7 +441,7 @@ class Store:
             self._audit(_iso(now), event, row[0], row[1], {"id": request_id, **detail})
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def remember_token(self, token: str, address: str, list_name: str, now: datetime) -> None:
@@ -459,7 +461,7 @@ class Store:
             self._audit(_iso(now), event, address, key, detail)
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def checkpoint(self, source: str) -> tuple[int, int] | None:
@@ -601,7 +603,7 @@ class Store:
                                                                          "source": source})
             self.db.execute("COMMIT")
         except BaseException as error:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             if isinstance(error, sqlite3.OperationalError):
                 raise _store_error(error, self.path) from error
             raise
@@ -632,7 +634,7 @@ class Store:
                     "forced": refuse is None})
             self.db.execute("COMMIT")
         except BaseException as error:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             if isinstance(error, sqlite3.OperationalError):
                 raise _store_error(error, self.path) from error
             raise
@@ -643,6 +645,12 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
             raise _store_error(error, self.path) from error
+
+    def _rollback(self) -> None:
+        # SQLite may have rolled the whole transaction back itself (SQLITE_FULL, SQLITE_IOERR): a second
+        # ROLLBACK would raise and hide the error that caused it.
+        if self.db.conn.in_transaction:
+            self.db.execute("ROLLBACK")
 
     def timeline(self, address: str) -> dict:
         """Return everything known about an address: audit events, ledger rows, requests and suppressions."""
@@ -692,4 +700,6 @@ def _store_error(error: sqlite3.OperationalError, path: Path) -> StoreError:
     text = str(error)
     if "locked" in text or "busy" in text:
         return TransientError(f"{path}: the database is busy ({text}); try again")
+    if "full" in text:  # SQLITE_FULL: like a busy database, it passes once there is room again (EX_TEMPFAIL)
+        return TransientError(f"{path}: no room to write ({text}); try again")
     return StoreError(f"{path}: {text}")
