@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import logging
 import os
 import random
 import signal
@@ -228,3 +229,155 @@ def test_a_client_that_hangs_up_in_data_leaves_no_trace_and_the_endpoint_carries
 
     assert [line[:3] for line in replies] == [b"220", b"250", b"250", b"250", b"354"]
     assert query(endpoint.database, "SELECT message_id FROM ledger") == [("<whole@example.net>",)]
+
+
+# ---------------------------------------------------------------- a full disk: SQLITE_FULL from SQLite itself
+
+UNLIMITED_PAGES = 1073741823  # SQLite's default max_page_count
+
+
+def fill_up(store: Store) -> None:
+    """Make the database full: no page may be added (PRAGMA max_page_count, on optout's own connection)."""
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    assert store.db.execute(f"PRAGMA max_page_count = {pages}").fetchone()[0] == pages
+
+
+def make_room(store: Store) -> None:
+    """Lift the limit again: the disk has room."""
+    store.db.execute(f"PRAGMA max_page_count = {UNLIMITED_PAGES}")
+
+
+def half_written(database) -> dict[str, list]:
+    """Return what one transaction per message forbids: effects without their ledger row and the reverse."""
+    ledger = "(SELECT key FROM ledger)"
+    found = {
+        "ledger rows without their audit event": query(
+            database, "SELECT key FROM ledger WHERE key NOT IN "
+                      "(SELECT message_key FROM audit WHERE event = 'message')"),
+        "audit events of no ledger row": query(
+            database, f"SELECT id, event FROM audit WHERE message_key IS NOT NULL AND message_key NOT IN {ledger}"),
+        "suppressions of no ledger row": query(
+            database, f"SELECT address FROM suppressions WHERE source_key IS NOT NULL AND source_key NOT IN {ledger}"),
+        "requests of no ledger row": query(database, f"SELECT id FROM requests WHERE message_key NOT IN {ledger}"),
+        "replies of no ledger row": query(database, f"SELECT id FROM outbox WHERE message_key NOT IN {ledger}"),
+        "suppressions without their audit event": query(
+            database, "SELECT address FROM suppressions WHERE source_key IS NOT NULL AND source_key NOT IN "
+                      "(SELECT message_key FROM audit WHERE event = 'suppression.add')"),
+    }
+    return {problem: rows for problem, rows in found.items() if rows}
+
+
+def on_writer(endpoint, work):
+    """Run work(store) on the daemon's writer thread, the one that owns the connection."""
+    return endpoint.daemon.writer.submit(work, endpoint.daemon.intake.store).result(10)
+
+
+def test_a_full_disk_gets_451_writes_nothing_half_and_the_retry_once_there_is_room_gets_250(smtp_daemon):
+    endpoint = smtp_daemon(workers=0)
+    messages = [raw.replace(b"\n", b"\r\n") for raw in distinct_messages(60)]
+    on_writer(endpoint, fill_up)
+    answers = []
+    with smtplib.SMTP("127.0.0.1", endpoint.port, timeout=20) as client:
+        for raw in messages:
+            try:
+                client.sendmail("person@example.net", ["privacy@example.com"], raw)
+                answers.append(250)
+            except smtplib.SMTPDataError as error:
+                answers.append(error.smtp_code)
+                break
+    refused = messages[len(answers) - 1]
+    during = ledger_count(endpoint.database)
+    problems = half_written(endpoint.database)
+    on_writer(endpoint, make_room)
+    with smtplib.SMTP("127.0.0.1", endpoint.port, timeout=20) as client:
+        retried = client.sendmail("person@example.net", ["privacy@example.com"], refused)
+
+    assert answers[-1] == 451, answers  # the free room of the last pages ran out before 60 messages
+    assert set(answers[:-1]) <= {250}
+    assert during == len(answers) - 1
+    assert problems == {}
+    assert retried == {}
+    key = parse_message(refused).key
+    assert query(endpoint.database, "SELECT count(*) FROM ledger WHERE key = ?", (key,)) == [(1,)]
+    assert ledger_count(endpoint.database) == len(answers)
+    assert half_written(endpoint.database) == {}
+    with Store(endpoint.database) as store:
+        assert store.verify_audit() is None
+
+
+def test_a_full_disk_stops_a_mailbox_run_leaves_the_mail_in_the_inbox_and_the_next_run_finishes(mailbox, tmp_path):
+    from optout.config import Settings
+    from optout.daemon import make_pipeline, settings_for_imap
+    from optout.errors import TransientError
+    from optout.process import Intake
+    from optout.sources.imap import drain
+
+    total = 40
+    mailbox.append(distinct_messages(total))
+    database = tmp_path / "optout.db"
+    settings = Settings(database=str(database), imap_url=mailbox.url(), imap_password=mailbox.server.password,
+                        workers=0)
+    with Store(database) as store:
+        intake = Intake(store, make_pipeline(settings))
+        fill_up(store)
+        with pytest.raises(TransientError) as full:
+            drain(settings_for_imap(settings), intake)
+        during, counts = ledger_count(database), mailbox.counts()
+        problems = half_written(database)
+        make_room(store)
+        summary = drain(settings_for_imap(settings), intake)
+
+    assert "no room" in str(full.value)
+    assert 0 < during < total
+    assert counts == {"INBOX": total}  # nothing moved: not the failed message, not the batch around it
+    assert problems == {}
+    assert (summary.seen, summary.duplicates, summary.processed) == (total, during, total - during)
+    assert ledger_count(database) == total
+    assert query(database, "SELECT count(*) FROM ledger WHERE reason = 'error'") == [(0,)]  # none filed as a failure
+    counts = mailbox.counts()
+    assert counts["INBOX"] == 0 and sum(counts.values()) == total and counts.get("Review", 0) < total // 3
+    assert half_written(database) == {}
+
+
+def read_only(store: Store) -> None:
+    """Make every write fail with SQLITE_READONLY (a database that cannot be written, not a busy one)."""
+    store.db.execute("PRAGMA query_only = ON")
+
+
+def writable(store: Store) -> None:
+    store.db.execute("PRAGMA query_only = OFF")
+
+
+@pytest.mark.parametrize("fault, cure, logged", [(fill_up, make_room, "no room to write"),
+                                                 (read_only, writable, "readonly database")],
+                         ids=["full", "read-only"])
+def test_the_daemon_keeps_watching_a_mailbox_it_cannot_record_and_files_the_mail_once_it_can(
+        smtp_daemon, mailbox, caplog, fault, cure, logged):
+    total = 20
+    caplog.set_level(logging.INFO, logger="optout")
+    endpoint = smtp_daemon(workers=0, imap_url=mailbox.url(), imap_password=mailbox.server.password)
+    wait_until(lambda: "IMAP connected" in caplog.text, 10, "IMAP connected")
+    on_writer(endpoint, fault)
+    mailbox.append(distinct_messages(total))
+    wait_until(lambda: logged in caplog.text, 20, f"{logged!r} in the log")
+    during, counts = ledger_count(endpoint.database), mailbox.counts()
+    problems = half_written(endpoint.database)
+    on_writer(endpoint, cure)
+    wait_until(lambda: mailbox.counts()["INBOX"] == 0, 30, "the INBOX emptied once the store could write")
+
+    assert during < total
+    assert counts == {"INBOX": total}
+    assert problems == {}
+    assert "retrying in 1s" in caplog.text
+    assert endpoint.daemon.imap_thread.is_alive()
+    assert ledger_count(endpoint.database) == total
+    assert sum(mailbox.counts().values()) == total
+    assert half_written(endpoint.database) == {}
+
+
+def wait_until(predicate, timeout: float, what: str):
+    """Poll until predicate() is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
+        time.sleep(0.05)
