@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
+import json
 import logging
 import os
 import random
@@ -17,6 +19,7 @@ from collections import Counter
 import pytest
 
 from conftest import make_mail, optout_command, optout_env, query
+from proxy import Cut, Proxy
 from optout.model import Kind
 from optout.parse import parse_message
 from optout.process import Pipeline, examine
@@ -381,3 +384,60 @@ def wait_until(predicate, timeout: float, what: str):
     while not predicate():
         assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the IMAP connection cut mid-FETCH and mid-MOVE
+
+IMAP_CUTS = {  # where to cut, and how many messages are recorded by then (batches of 50)
+    # The third batch's FETCH answer (about 20 KB) stops 5 KB in: two batches are recorded and filed.
+    "mid-fetch": (Cut("up", b" FETCH ", "down", after=5_000, nth=3), 100),
+    # The second MOVE never reaches Dovecot: the first batch is recorded, part of it still in the INBOX.
+    "move-unsent": (Cut("up", b" MOVE ", "down", forward_marker=False, nth=2), 50),
+    # Dovecot moves them but its answer is lost: recorded and moved, and optout cannot know it.
+    "move-unanswered": (Cut("up", b" MOVE ", "down", after=0, nth=2), 50),
+    # Half an answer: the untagged EXPUNGEs come, the tagged OK does not.
+    "move-half-answered": (Cut("up", b" MOVE ", "down", after=12, nth=2), 50),
+}
+
+
+@pytest.mark.parametrize("where", IMAP_CUTS)
+def test_an_imap_connection_cut_mid_fetch_or_mid_move_loses_no_message_and_processes_none_twice(
+        mailbox, tmp_path, run_optout, where):
+    total = 150
+    messages = distinct_messages(total)
+    mailbox.append(messages)
+    plan, expected = IMAP_CUTS[where]
+    proxy = Proxy(mailbox.server.port)
+    proxy.cut(dataclasses.replace(plan))
+    database = tmp_path / "optout.db"
+    (tmp_path / "optout.toml").write_text("[imap]\nbatch_size = 50\n[processing]\nworkers = 0\n")
+    env = {"OPTOUT_IMAP_URL": f"imap://{mailbox.user}@127.0.0.1:{proxy.port}/INBOX",
+           "OPTOUT_IMAP_PASSWORD": mailbox.server.password, "OPTOUT_DATABASE": str(database),
+           "OPTOUT_CONFIG": str(tmp_path / "optout.toml")}
+    try:
+        cut = run_optout("run", "--once", env=env)
+        cuts, recorded, inbox = proxy.cuts, ledger_count(database), mailbox.counts()["INBOX"]
+        rerun = run_optout("run", "--once", "--json", env=env)
+    finally:
+        proxy.close()
+
+    assert cuts == 1
+    assert cut.returncode == 6, cut.stderr[-2000:]
+    assert "IMAP" in cut.stderr
+    assert recorded == expected
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    # The rerun sees what is left: the recorded ones still there are duplicates (only moved), the rest new.
+    moved_before = total - inbox
+    assert json.loads(rerun.stdout)["imap"] | {"kinds": None} == {
+        "seen": inbox, "processed": total - recorded, "duplicates": recorded - moved_before, "moved": inbox,
+        "kinds": None}
+    assert ledger_count(database) == total
+    assert {row[0] for row in query(database, "SELECT key FROM ledger")} == {parse_message(raw).key for raw in messages}
+    assert query(database, "SELECT count(*), count(DISTINCT message_key) FROM audit WHERE event = 'message'") \
+        == [(total, total)]
+    assert query(database, "SELECT message_key FROM outbox GROUP BY message_key HAVING count(*) > 1") == []
+    assert half_written(database) == {}
+    counts = mailbox.counts()
+    assert counts["INBOX"] == 0 and sum(counts.values()) == total, counts
+    filed = Counter(message_id for folder in counts for message_id in message_ids(mailbox, folder))
+    assert filed == Counter(f"<fault-{n:05d}@example.net>" for n in range(total))
