@@ -3,6 +3,8 @@
 - Delivery is at least once: a reply is marked sent only after the relay accepted it, and keeps its
   Message-ID on every attempt, so a retry after a crash is recognisable; a reply marked sent is never sent again.
 - 4xx answers and connection errors are retried with exponential backoff; 5xx answers fail the reply.
+- A relay that is down (refused, silent past the timeout, hung up, 421) costs one attempt of one reply per
+  pass: the others wait for the next pass untouched, so a pass never takes longer than about two timeouts.
 - Every attempt is recorded. Past the hourly cap, replies wait in the outbox and a warning is logged:
   a flood of forged opt-outs must not turn us into a spam cannon.
 - Replies go out with a null envelope sender (RFC 3834 §3.3), so nothing bounces back into a loop.
@@ -29,11 +31,12 @@ log = logging.getLogger("optout.outbox")
 
 
 class DeliveryError(Exception):
-    """A relay's answer: permanent (5xx) or not."""
+    """A relay's answer: permanent (5xx) or not; `relay_down` when the relay failed, not this one reply."""
 
-    def __init__(self, detail: str, permanent: bool) -> None:
+    def __init__(self, detail: str, permanent: bool, relay_down: bool = False) -> None:
         super().__init__(detail)
         self.permanent = permanent
+        self.relay_down = relay_down
 
 
 class Transport(Protocol):
@@ -89,9 +92,12 @@ class RelayTransport:
             if s.username:
                 client.login(s.username, s.password or "")
         except smtplib.SMTPAuthenticationError as error:
-            raise DeliveryError(f"relay refused the login: {error.smtp_code}", permanent=False) from None
+            raise DeliveryError(f"relay refused the login: {error.smtp_code}", permanent=False,
+                                relay_down=True) from None
         except (OSError, smtplib.SMTPException) as error:
-            raise DeliveryError(f"relay {s.host}:{s.port} unreachable: {error}", permanent=False) from None
+            # Refused, no greeting within the timeout, 421 at the greeting: no reply can go now.
+            raise DeliveryError(f"relay {s.host}:{s.port} unreachable: {one_line(error)}", permanent=False,
+                                relay_down=True) from None
         return client
 
     def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None:
@@ -105,10 +111,13 @@ class RelayTransport:
             raise DeliveryError(f"{code} {one_line(text)}", permanent=code >= 500) from None
         except smtplib.SMTPResponseException as error:
             self.close()
-            raise DeliveryError(f"{error.smtp_code} {one_line(error.smtp_error)}", permanent=error.smtp_code >= 500) from None
+            raise DeliveryError(f"{error.smtp_code} {one_line(error.smtp_error)}", permanent=error.smtp_code >= 500,
+                                relay_down=error.smtp_code == 421) from None
         except (OSError, smtplib.SMTPException) as error:
-            self.close()  # dropped mid-transaction: the next attempt starts a new connection
-            raise DeliveryError(f"connection lost: {error}", permanent=False) from None
+            # Dropped or silent mid-transaction (a timeout is an OSError): no QUIT, which would wait as long
+            # again; the next attempt starts a new connection.
+            self._drop()
+            raise DeliveryError(f"connection lost: {one_line(error)}", permanent=False, relay_down=True) from None
         if refused:
             code, text = next(iter(refused.values()))
             raise DeliveryError(f"{code} {one_line(text)}", permanent=code >= 500)
@@ -119,7 +128,12 @@ class RelayTransport:
             try:
                 self.client.quit()
             except (OSError, smtplib.SMTPException):
-                pass
+                self._drop()
+            self.client = None
+
+    def _drop(self) -> None:
+        if self.client is not None:
+            self.client.close()
             self.client = None
 
 
@@ -225,6 +239,9 @@ def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap
                                             clock() + backoff(row["attempts"], base_delay))
                         summary.retried += 1
                         log.info("reply %s deferred (attempt %d): %s", row["id"], attempts, error)
+                    if error.relay_down:
+                        log.warning("relay unavailable (%s): the replies due wait for the next pass", error)
+                        return summary
                     continue
                 store.outbox_result(row["id"], clock(), "sent", "accepted")
                 summary.sent += 1

@@ -3,7 +3,7 @@
 - `Cut(watch, marker, cut, after)`: once `marker` has passed in the `watch` direction ("up": client to server,
   "down": server to client), forward `after` more bytes in the `cut` direction, then close both sides.
   `after=0` in the other direction: the command reaches the server, its answer never reaches the client.
-- `nth`: the marker's nth passage arms the cut (the third FETCH: two batches are through).
+- Markers match without regard to case. `nth`: the marker's nth passage arms the cut (the third FETCH: two batches are through).
 - `forward_marker=False` drops the chunk holding the marker instead: the server never sees that command.
 - A cut happens `times` times (each on a new connection), then the proxy only forwards: the retry gets through.
 - Imports no pytest; threads only, so it works beside subprocesses and asyncio loops alike.
@@ -65,7 +65,7 @@ class _Connection:
                     continue
                 if cut and direction == cut.watch and not self.armed.is_set():
                     seen = tail + chunk
-                    at = seen.find(cut.marker)
+                    at = seen.lower().find(cut.marker.lower())  # smtplib says `data`, others `DATA`
                     if at >= 0:
                         self.passages += 1
                     if at >= 0 and self.passages >= cut.nth:

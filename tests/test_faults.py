@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email
 import json
@@ -15,14 +16,19 @@ import sqlite3
 import subprocess
 import time
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 
-from conftest import make_mail, optout_command, optout_env, query
+from conftest import NOW, make_mail, optout_command, optout_env, query
 from proxy import Cut, Proxy
+from relay import Relay, silent_listener
 from optout.model import Kind
+from optout.outbox import RelaySettings, RelayTransport, flush
+from optout.policy import Rules
 from optout.parse import parse_message
-from optout.process import Pipeline, examine
+from optout.process import Pipeline, examine, process
+from optout.replies import template_environment
 from optout.store import Store
 
 BODIES = (
@@ -441,3 +447,75 @@ def test_an_imap_connection_cut_mid_fetch_or_mid_move_loses_no_message_and_proce
     assert counts["INBOX"] == 0 and sum(counts.values()) == total, counts
     filed = Counter(message_id for folder in counts for message_id in message_ids(mailbox, folder))
     assert filed == Counter(f"<fault-{n:05d}@example.net>" for n in range(total))
+
+
+# ---------------------------------------------------------------- the relay refusing, silent, hanging up mid-DATA
+
+@pytest.fixture
+def relay():
+    server = Relay()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def queued(store, lexicon):
+    """Three opt-outs from three people: three replies queued in the outbox."""
+    pipeline = Pipeline(lexicon, rules=Rules(own_addresses=("privacy@example.com",)),
+                        templates=template_environment(), reply_from="privacy@example.com")
+    for n in range(3):
+        process(make_mail("Please unsubscribe me from your newsletter.", "Unsubscribe",
+                          sender=f"Reader {n} <reader{n}@example.net>", message_id=f"<relay-{n}@example.net>"),
+                "smtp", store, pipeline, NOW)
+    assert [row["status"] for row in store.outbox()] == ["queued"] * 3
+    return store
+
+
+def relay_fault(kind: str, relay: Relay, stack: contextlib.ExitStack) -> int:
+    """Set up a sick relay and return the port optout is to use; the healthy relay is `relay`."""
+    if kind == "silent":  # accepts the connection, never greets
+        return stack.enter_context(contextlib.closing(silent_listener())).getsockname()[1]
+    if kind == "hang":  # takes the whole message, never answers it
+        relay.handler.mode = "hang"
+        stack.callback(setattr, relay.handler, "mode", "accept")
+        return relay.port
+    if kind == "cut-mid-data":  # hangs up 100 bytes into the message
+        proxy = stack.enter_context(contextlib.closing(Proxy(relay.port)))
+        proxy.cut(Cut("up", b"DATA\r\n", "up", after=100))
+        stack.callback(lambda: proxy.cuts == 1 or pytest.fail("the proxy did not cut"))
+        return proxy.port
+    if kind == "refused":  # nothing listens
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent", "hang", "cut-mid-data"])
+def test_a_sick_relay_costs_one_bounded_attempt_the_replies_wait_and_each_goes_once_it_is_well(
+        queued, relay, kind):
+    store, timeout = queued, 1.0
+    clock = [NOW]
+    with contextlib.ExitStack() as stack:
+        port = relay_fault(kind, relay, stack)
+        transport = RelayTransport(RelaySettings("127.0.0.1", port, timeout=timeout))
+        started = time.monotonic()
+        sick = flush(store, transport, lambda: clock[0])
+        took = time.monotonic() - started
+        rows = store.outbox()
+        tried = store.db.execute("SELECT outbox_id, result, detail FROM outbox_attempts").fetchall()
+    accepted_while_sick = len(relay.received)
+    clock[0] += timedelta(hours=1)
+    well = flush(store, RelayTransport(RelaySettings("127.0.0.1", relay.port, timeout=timeout)), lambda: clock[0])
+    clock[0] += timedelta(days=1)
+    again = flush(store, RelayTransport(RelaySettings("127.0.0.1", relay.port, timeout=timeout)), lambda: clock[0])
+
+    assert (sick.sent, sick.retried, sick.failed) == (0, 1, 0)
+    assert took < 3 * timeout  # bounded: one timeout (and no QUIT to wait for), not one per reply
+    assert [row["status"] for row in rows] == ["queued"] * 3
+    assert sorted(row["attempts"] for row in rows) == [0, 0, 1]
+    assert [result for _, result, _ in tried] == ["retry"]
+    assert accepted_while_sick == 0
+    assert (well.sent, well.retried, again.sent) == (3, 0, 0)
+    assert sorted(got.message["Message-ID"] for got in relay.received) == sorted(row["message_id"] for row in rows)
+    assert {row["status"] for row in store.outbox()} == {"sent"}
