@@ -519,3 +519,31 @@ def test_a_sick_relay_costs_one_bounded_attempt_the_replies_wait_and_each_goes_o
     assert (well.sent, well.retried, again.sent) == (3, 0, 0)
     assert sorted(got.message["Message-ID"] for got in relay.received) == sorted(row["message_id"] for row in rows)
     assert {row["status"] for row in store.outbox()} == {"sent"}
+
+
+def test_the_daemon_reconnects_after_its_imap_connection_is_cut_mid_fetch_and_files_each_message_once(
+        smtp_daemon, mailbox, caplog):
+    total = 60
+    caplog.set_level(logging.INFO, logger="optout")
+    proxy = Proxy(mailbox.server.port)
+    proxy.cut(Cut("up", b" FETCH ", "down", after=4_000))  # the INBOX is empty: the first FETCH is the backlog's
+    try:
+        endpoint = smtp_daemon(workers=0, imap_url=f"imap://{mailbox.user}@127.0.0.1:{proxy.port}/INBOX",
+                               imap_password=mailbox.server.password)
+        wait_until(lambda: "IMAP connected" in caplog.text, 10, "IMAP connected")
+        mailbox.append(distinct_messages(total))
+        wait_until(lambda: mailbox.counts()["INBOX"] == 0, 30, "the INBOX emptied after the cut")
+        connections = proxy.connections
+    finally:
+        proxy.close()
+
+    assert proxy.cuts == 1
+    assert connections == 2
+    assert "reconnecting in 1s" in caplog.text
+    assert caplog.text.count("IMAP connected") == 2
+    assert ledger_count(endpoint.database) == total
+    assert query(endpoint.database, "SELECT count(*) FROM audit WHERE event = 'message'") == [(total,)]
+    assert query(endpoint.database, "SELECT message_key FROM outbox GROUP BY message_key HAVING count(*) > 1") == []
+    assert half_written(endpoint.database) == {}
+    filed = Counter(message_id for folder in mailbox.counts() for message_id in message_ids(mailbox, folder))
+    assert filed == Counter(f"<fault-{n:05d}@example.net>" for n in range(total))

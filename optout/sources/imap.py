@@ -152,7 +152,10 @@ class ImapSource:
             try:
                 self.client.logout()
             except Exception:  # the connection may already be gone; closing must not fail
-                pass
+                try:
+                    self.client.shutdown()  # logout closes the socket only when the server answers
+                except Exception:
+                    pass
             self.client = None
 
     # ------------------------------------------------------------ one pass
