@@ -5,6 +5,8 @@
   `after=0` in the other direction: the command reaches the server, its answer never reaches the client.
 - Markers match without regard to case. `nth`: the marker's nth passage arms the cut (the third FETCH: two batches are through).
 - `forward_marker=False` drops the chunk holding the marker instead: the server never sees that command.
+- `stall=True`: instead of closing, keep both sockets open and forward nothing more in the cut direction:
+  a server gone silent, which only a client's timeout ends.
 - A cut happens `times` times (each on a new connection), then the proxy only forwards: the retry gets through.
 - Imports no pytest; threads only, so it works beside subprocesses and asyncio loops alike.
 """
@@ -26,6 +28,7 @@ class Cut:
     after: int = 0
     forward_marker: bool = True
     nth: int = 1
+    stall: bool = False
     times: int = 1
 
 
@@ -97,6 +100,8 @@ class _Connection:
 
     def _cut(self) -> None:
         self.proxy.cuts += 1
+        if self.cut.stall:
+            return  # the pump stops reading: nothing more passes this way, and nothing is closed
         self._close()
 
     def _close(self) -> None:

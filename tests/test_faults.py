@@ -547,3 +547,41 @@ def test_the_daemon_reconnects_after_its_imap_connection_is_cut_mid_fetch_and_fi
     assert half_written(endpoint.database) == {}
     filed = Counter(message_id for folder in mailbox.counts() for message_id in message_ids(mailbox, folder))
     assert filed == Counter(f"<fault-{n:05d}@example.net>" for n in range(total))
+
+
+def test_an_imap_server_gone_silent_mid_fetch_ends_the_run_after_the_timeout_and_the_next_run_files_the_rest(
+        mailbox, tmp_path):
+    from optout.config import Settings
+    from optout.daemon import make_pipeline, settings_for_imap
+    from optout.errors import MailboxError
+    from optout.process import Intake
+    from optout.sources.imap import drain
+
+    total, timeout = 120, 1.0
+    mailbox.append(distinct_messages(total))
+    proxy = Proxy(mailbox.server.port)
+    # The second batch's FETCH answer stops 3 KB in, and the connection stays open: only a timeout ends it.
+    proxy.cut(Cut("up", b" FETCH ", "down", after=3_000, nth=2, stall=True))
+    database = tmp_path / "optout.db"
+    settings = Settings(database=str(database), imap_url=f"imap://{mailbox.user}@127.0.0.1:{proxy.port}/INBOX",
+                        imap_password=mailbox.server.password, imap_batch_size=50, workers=0)
+    imap = dataclasses.replace(settings_for_imap(settings), timeout=timeout)
+    try:
+        with Store(database) as store:
+            intake = Intake(store, make_pipeline(settings))
+            started = time.monotonic()
+            with pytest.raises(MailboxError) as silent:
+                drain(imap, intake)
+            took = time.monotonic() - started
+            recorded, counts = ledger_count(database), mailbox.counts()
+            summary = drain(imap, intake)
+    finally:
+        proxy.close()
+
+    assert proxy.cuts == 1
+    assert "timed out" in str(silent.value)
+    assert took < 4 * timeout  # the FETCH and the LOGOUT after it each wait one timeout at most
+    assert recorded == 50 and counts["INBOX"] == total - 50
+    assert (summary.seen, summary.processed, summary.duplicates) == (total - 50, total - 50, 0)
+    assert ledger_count(database) == total and mailbox.counts()["INBOX"] == 0
+    assert half_written(database) == {}
