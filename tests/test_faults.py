@@ -3,7 +3,7 @@
 - kill -9 at ten random moments (OPTOUT_FAULT_SEED replays them) of a 2,000-message backlog, then a clean run;
 - the database locked by another process, full (SQLITE_FULL) or read-only: 451 over SMTP, the mail left in
   the INBOX, nothing half-written, the IMAP watcher alive;
-- a client that hangs up in DATA;
+- a client that hangs up in DATA; kill -9 of the daemon while mail arrives over SMTP;
 - the IMAP connection cut (tests/proxy.py) mid-FETCH or around a MOVE, or gone silent; the daemon's cut too;
 - the relay refusing, silent, taking a message and never answering, or hanging up mid-DATA.
 """
@@ -22,6 +22,7 @@ import smtplib
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 from collections import Counter
 from datetime import timedelta
@@ -595,4 +596,57 @@ def test_an_imap_server_gone_silent_mid_fetch_ends_the_run_after_the_timeout_and
     assert recorded == 50 and counts["INBOX"] == total - 50
     assert (summary.seen, summary.processed, summary.duplicates) == (total - 50, total - 50, 0)
     assert ledger_count(database) == total and mailbox.counts()["INBOX"] == 0
+    assert half_written(database) == {}
+
+
+def test_kill_9_of_the_daemon_while_mail_arrives_over_smtp_loses_no_message_that_got_250(tmp_path):
+    from dovecot import free_port, wait_for_port
+
+    seed = int(os.environ.get("OPTOUT_FAULT_SEED") or random.SystemRandom().randrange(2 ** 32))
+    delay = round(random.Random(seed).uniform(0.1, 0.8), 3)
+    print(f"SMTP kill -9: OPTOUT_FAULT_SEED={seed}: {delay}s after the first 250")
+    messages = [raw.replace(b"\n", b"\r\n") for raw in distinct_messages(400)]
+    database, port = tmp_path / "optout.db", free_port()
+    env = optout_env(OPTOUT_DATABASE=str(database), OPTOUT_SMTP_LISTEN=f"127.0.0.1:{port}")
+
+    def start():
+        with open(tmp_path / "daemon.log", "ab") as log:
+            daemon = subprocess.Popen(optout_command() + ["daemon"], cwd=tmp_path, env=env,
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        wait_for_port(port, timeout=30)
+        return daemon
+
+    def send_all(accepted: list[bytes]) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                for raw in messages:
+                    if client.sendmail("person@example.net", ["privacy@example.com"], raw) == {}:
+                        accepted.append(raw)
+        except (smtplib.SMTPException, OSError):
+            pass  # the daemon is gone: whatever got no 250 is the client's to send again
+
+    daemon = start()
+    accepted: list[bytes] = []
+    sender = threading.Thread(target=send_all, args=(accepted,))
+    try:
+        sender.start()
+        wait_until(lambda: accepted, 30, "a first 250")
+        time.sleep(delay)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        sender.join(30)
+        recorded = {row[0] for row in query(database, "SELECT key FROM ledger")}
+        daemon = start()
+        everything: list[bytes] = []
+        send_all(everything)  # the sending MTA tries again: every message, the accepted ones too
+    finally:
+        daemon.kill()
+        daemon.wait(10)
+
+    assert 0 < len(accepted) < len(messages), (seed, len(accepted))
+    assert {parse_message(raw).key for raw in accepted} <= recorded, seed
+    assert len(everything) == len(messages)
+    assert ledger_count(database) == len(messages)
+    assert query(database, "SELECT count(*), count(DISTINCT message_key) FROM audit WHERE event = 'message'") \
+        == [(len(messages), len(messages))]
     assert half_written(database) == {}
