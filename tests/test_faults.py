@@ -650,3 +650,21 @@ def test_kill_9_of_the_daemon_while_mail_arrives_over_smtp_loses_no_message_that
     assert query(database, "SELECT count(*), count(DISTINCT message_key) FROM audit WHERE event = 'message'") \
         == [(len(messages), len(messages))]
     assert half_written(database) == {}
+
+
+def test_a_reply_written_to_the_sent_maildir_just_before_a_crash_is_not_written_again_by_the_retry(tmp_path):
+    from optout.outbox import MaildirTransport
+
+    reply = make_mail("Your opt-out is done.", message_id="<optout.1@example.com>")
+    MaildirTransport(tmp_path / "sent").send(reply, "ann@example.net", "<optout.1@example.com>")
+    (written,) = (tmp_path / "sent" / "new").iterdir()
+    MaildirTransport(tmp_path / "sent").send(reply, "ann@example.net", "<optout.1@example.com>")  # the next run
+    after_retry = sorted(path.name for path in (tmp_path / "sent").rglob("*") if path.is_file())
+    written.rename(tmp_path / "sent" / "cur" / f"{written.name}:2,S")  # a person read it
+    MaildirTransport(tmp_path / "sent").send(reply, "ann@example.net", "<optout.1@example.com>")
+    MaildirTransport(tmp_path / "sent").send(reply, "ann@example.net", "<optout.2@example.com>")
+
+    assert after_retry == [written.name]
+    assert len(list((tmp_path / "sent" / "cur").iterdir())) == 1
+    assert len(list((tmp_path / "sent" / "new").iterdir())) == 1  # only the other reply
+    assert list((tmp_path / "sent" / "tmp").iterdir()) == []
