@@ -4,7 +4,7 @@
   Message-ID on every attempt, so a retry after a crash is recognisable; a reply marked sent is never sent again.
 - 4xx answers and connection errors are retried with exponential backoff; 5xx answers fail the reply.
 - A relay that is down (refused, silent past the timeout, hung up, 421) costs one attempt of one reply per
-  pass: the others wait for the next pass untouched, so a pass never takes longer than about two timeouts.
+  pass: the others wait for the next pass untouched, so a dead relay costs a pass one timeout, not one a reply.
 - Every attempt is recorded. Past the hourly cap, replies wait in the outbox and a warning is logged:
   a flood of forged opt-outs must not turn us into a spam cannon.
 - Replies go out with a null envelope sender (RFC 3834 §3.3), so nothing bounces back into a loop.
