@@ -29,11 +29,13 @@ class Received:
 @dataclass
 class Collector:
     """The relay's handler: `mode` is "accept", "tempfail" (451 at DATA), "permfail" (550 at RCPT), "drop" or
-    "hang" (takes the whole message, then never answers: a client waits for its timeout; nothing is accepted)."""
+    "hang" (takes the whole message, then never answers: a client waits for its timeout; nothing is accepted)
+    or "slow" (accepts the message, as an MTA queues it, then takes `slow_seconds` to say 250)."""
 
     mode: str = "accept"
     received: list[Received] = field(default_factory=list)
     attempts: int = 0
+    slow_seconds: float = 5.0
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         self.attempts += 1
@@ -45,6 +47,10 @@ class Collector:
     async def handle_DATA(self, server, session, envelope):
         if self.mode == "tempfail":
             return "451 4.3.0 try again later"
+        if self.mode == "slow":
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+            await asyncio.sleep(self.slow_seconds)
+            return "250 2.0.0 queued"
         if self.mode == "hang":
             await asyncio.sleep(3600)  # cancelled when the client hangs up
         if self.mode == "drop":

@@ -5,7 +5,8 @@
   the INBOX, nothing half-written, the IMAP watcher alive;
 - a client that hangs up in DATA; kill -9 of the daemon while mail arrives over SMTP;
 - the IMAP connection cut (tests/proxy.py) mid-FETCH or around a MOVE, or gone silent; the daemon's cut too;
-- the relay refusing, silent, taking a message and never answering, or hanging up mid-DATA.
+- the relay refusing, silent, taking a message and never answering, or hanging up mid-DATA; kill -9 while
+  the relay acknowledges a reply (a known gap, marked xfail: that reply is sent twice).
 """
 
 from __future__ import annotations
@@ -668,3 +669,29 @@ def test_a_reply_written_to_the_sent_maildir_just_before_a_crash_is_not_written_
     assert len(list((tmp_path / "sent" / "cur").iterdir())) == 1
     assert len(list((tmp_path / "sent" / "new").iterdir())) == 1  # only the other reply
     assert list((tmp_path / "sent" / "tmp").iterdir()) == []
+
+
+@pytest.mark.xfail(strict=True, reason="known: a reply the relay has queued but not yet acknowledged when optout is "
+                                       "killed is sent again by the next run (at least once; the outbox has no "
+                                       "'in doubt' state)")
+def test_kill_9_while_the_relay_acknowledges_a_reply_does_not_send_it_twice(tmp_path, run_optout, relay):
+    database = tmp_path / "optout.db"
+    (tmp_path / "ann.eml").write_bytes(make_mail("Please unsubscribe me from your newsletter."))
+    env = {"OPTOUT_DATABASE": str(database), "OPTOUT_RELAY_URL": relay.url}
+    assert run_optout("process", str(tmp_path / "ann.eml"), env=env).returncode == 0
+    relay.handler.mode = "slow"
+    run = subprocess.Popen(optout_command() + ["run", "--once"], cwd=tmp_path, env=optout_env(**env),
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: relay.received, 30, "the relay has the reply")
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+        run.wait(10)
+    relay.handler.mode = "accept"
+    rerun = run_optout("run", "--once", env=env)
+
+    assert run.returncode == -signal.SIGKILL
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert query(database, "SELECT status FROM outbox") in ([("sent",)], [("failed",)])
+    assert len(relay.received) == 1
