@@ -5,7 +5,7 @@
     ├── LexiconError            a phrase table does not load (3)
     ├── InputError              a file or mailbox given to the CLI cannot be read (4)
     ├── StoreError              the database cannot be used (5)
-    │   ├── TransientError      try again later: the database is busy or locked (75, EX_TEMPFAIL)
+    │   ├── TransientError      try again later: the database is busy, locked or full (75, EX_TEMPFAIL)
     │   └── RefusedError        a change the rows forbid: a deletion tombstone without --force (8)
     ├── MailboxError            the IMAP server cannot be reached or refuses us (6)
     └── LockedError             another `optout run` holds the lock (7)

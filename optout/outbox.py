@@ -3,16 +3,20 @@
 - Delivery is at least once: a reply is marked sent only after the relay accepted it, and keeps its
   Message-ID on every attempt, so a retry after a crash is recognisable; a reply marked sent is never sent again.
 - 4xx answers and connection errors are retried with exponential backoff; 5xx answers fail the reply.
+- A relay that is down (refused, silent past the timeout, hung up, 421) costs one attempt of one reply per
+  pass: the others wait for the next pass untouched, so a dead relay costs a pass one timeout, not one a reply.
 - Every attempt is recorded. Past the hourly cap, replies wait in the outbox and a warning is logged:
   a flood of forged opt-outs must not turn us into a spam cannon.
 - Replies go out with a null envelope sender (RFC 3834 §3.3), so nothing bounces back into a loop.
-- With no relay configured, replies are written to a maildir (var/sent/ by default) for a person to read.
+- With no relay configured, replies are written to a maildir (var/sent/ by default) for a person to read,
+  one file per Message-ID: there a retry after a crash writes nothing twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import mailbox
+import os
 import smtplib
 import ssl
 from dataclasses import dataclass, field
@@ -27,17 +31,18 @@ log = logging.getLogger("optout.outbox")
 
 
 class DeliveryError(Exception):
-    """A relay's answer: permanent (5xx) or not."""
+    """A relay's answer: permanent (5xx) or not; `relay_down` when the relay failed, not this one reply."""
 
-    def __init__(self, detail: str, permanent: bool) -> None:
+    def __init__(self, detail: str, permanent: bool, relay_down: bool = False) -> None:
         super().__init__(detail)
         self.permanent = permanent
+        self.relay_down = relay_down
 
 
 class Transport(Protocol):
     """Something that delivers one reply or raises DeliveryError."""
 
-    def send(self, raw: bytes, recipient: str) -> None: ...
+    def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -87,12 +92,15 @@ class RelayTransport:
             if s.username:
                 client.login(s.username, s.password or "")
         except smtplib.SMTPAuthenticationError as error:
-            raise DeliveryError(f"relay refused the login: {error.smtp_code}", permanent=False) from None
+            raise DeliveryError(f"relay refused the login: {error.smtp_code}", permanent=False,
+                                relay_down=True) from None
         except (OSError, smtplib.SMTPException) as error:
-            raise DeliveryError(f"relay {s.host}:{s.port} unreachable: {error}", permanent=False) from None
+            # Refused, no greeting within the timeout, 421 at the greeting: no reply can go now.
+            raise DeliveryError(f"relay {s.host}:{s.port} unreachable: {one_line(error)}", permanent=False,
+                                relay_down=True) from None
         return client
 
-    def send(self, raw: bytes, recipient: str) -> None:
+    def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None:
         """Hand one reply to the relay with a null envelope sender."""
         if self.client is None:
             self.client = self._connect()
@@ -103,10 +111,13 @@ class RelayTransport:
             raise DeliveryError(f"{code} {one_line(text)}", permanent=code >= 500) from None
         except smtplib.SMTPResponseException as error:
             self.close()
-            raise DeliveryError(f"{error.smtp_code} {one_line(error.smtp_error)}", permanent=error.smtp_code >= 500) from None
+            raise DeliveryError(f"{error.smtp_code} {one_line(error.smtp_error)}", permanent=error.smtp_code >= 500,
+                                relay_down=error.smtp_code == 421) from None
         except (OSError, smtplib.SMTPException) as error:
-            self.close()  # dropped mid-transaction: the next attempt starts a new connection
-            raise DeliveryError(f"connection lost: {error}", permanent=False) from None
+            # Dropped or silent mid-transaction (a timeout is an OSError): no QUIT, which would wait as long
+            # again; the next attempt starts a new connection.
+            self._drop()
+            raise DeliveryError(f"connection lost: {one_line(error)}", permanent=False, relay_down=True) from None
         if refused:
             code, text = next(iter(refused.values()))
             raise DeliveryError(f"{code} {one_line(text)}", permanent=code >= 500)
@@ -117,21 +128,42 @@ class RelayTransport:
             try:
                 self.client.quit()
             except (OSError, smtplib.SMTPException):
-                pass
+                self._drop()
+            self.client = None
+
+    def _drop(self) -> None:
+        if self.client is not None:
+            self.client.close()
             self.client = None
 
 
 class MaildirTransport:
-    """Write replies to a maildir instead of sending them (the embedded default: read what would be sent)."""
+    """Write replies to a maildir instead of sending them (the embedded default: read what would be sent).
+
+    A reply's file is named after its Message-ID and written to tmp/ then renamed into new/, so a reply
+    written just before a crash, and so never marked sent, is not written a second time by the retry.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._read: set[str] | None = None
 
-    def send(self, raw: bytes, recipient: str) -> None:
-        """Add the reply to the maildir."""
+    def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None:
+        """Add the reply to the maildir, unless a reply with its Message-ID is there already."""
+        name = hashlib.sha256(message_id.encode() if message_id else raw).hexdigest()[:40] + ".optout"
         try:
-            box = mailbox.Maildir(str(self.path), factory=None, create=True)
-            box.add(raw)
+            for folder in ("tmp", "new", "cur"):
+                (self.path / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self._read is None:  # a mail reader renames new/NAME to cur/NAME:2,FLAGS
+                self._read = {entry.partition(":")[0] for entry in os.listdir(self.path / "cur")}
+            if name in self._read or (self.path / "new" / name).exists():
+                return
+            temporary = self.path / "tmp" / name  # what a crash left half-written here is overwritten
+            with open(temporary, "wb") as handle:
+                handle.write(raw)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path / "new" / name)
         except OSError as error:
             raise DeliveryError(f"cannot write to {self.path}: {error.strerror or error}", permanent=False) from None
 
@@ -195,7 +227,7 @@ def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap
                 if signer is not None:
                     raw = signer(raw)
                 try:
-                    transport.send(raw, row["to_address"])
+                    transport.send(raw, row["to_address"], row["message_id"])
                 except DeliveryError as error:
                     attempts = row["attempts"] + 1
                     if error.permanent or attempts >= max_attempts:
@@ -207,6 +239,9 @@ def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap
                                             clock() + backoff(row["attempts"], base_delay))
                         summary.retried += 1
                         log.info("reply %s deferred (attempt %d): %s", row["id"], attempts, error)
+                    if error.relay_down:
+                        log.warning("relay unavailable (%s): the replies due wait for the next pass", error)
+                        return summary
                     continue
                 store.outbox_result(row["id"], clock(), "sent", "accepted")
                 summary.sent += 1

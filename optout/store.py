@@ -271,7 +271,7 @@ class Store:
                     self.db.execute(f"PRAGMA user_version = {number}")
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     def seen(self, key: str) -> bool:
@@ -318,7 +318,7 @@ class Store:
                  ",".join(classification.flags), decision.action, int(decision.may_reply), decision.no_reply_reason,
                  int(message.malformed), message.size]).rowcount
             if not inserted:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 return Recorded(duplicate=True)
             self._audit(at, "message", message.sender, key, {
                 "source": source, "kind": classification.kind.value, "reason": classification.reason,
@@ -367,10 +367,10 @@ class Store:
                 self._queue(reply, key, at, request_ids[0] if request_ids else None)
             self.db.execute("COMMIT")
         except sqlite3.OperationalError as error:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise _store_error(error, self.path) from error
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
         return Recorded(False, added, tuple(request_ids))
 
@@ -410,7 +410,7 @@ class Store:
         """Record one delivery attempt: sent, retry (with the next attempt's time) or failed."""
         at = _iso(now)
         status = {"sent": "sent", "retry": "queued", "failed": "failed"}[result]
-        self.db.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             self.db.execute(
                 "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
@@ -434,8 +434,10 @@ class Store:
                                 "WHERE id = ?", [drop_hash(row[0]), outbox_id])
                 self.db.execute("UPDATE outbox_attempts SET detail = NULL WHERE outbox_id = ?", [outbox_id])
             self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as error:
+            self._rollback()
+            if isinstance(error, sqlite3.OperationalError):
+                raise _store_error(error, self.path) from error
             raise
         if scrub:
             self.compact()
@@ -531,7 +533,7 @@ class Store:
             self.db.execute("ROLLBACK")
             raise _store_error(error, self.path) from error
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
         if erase is not None:
             self.compact()
@@ -694,7 +696,7 @@ class Store:
             self._audit(_iso(now), event, address, key, detail)
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def checkpoint(self, source: str) -> tuple[int, int] | None:
@@ -841,7 +843,7 @@ class Store:
                                                                          "source": source})
             self.db.execute("COMMIT")
         except BaseException as error:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             if isinstance(error, sqlite3.OperationalError):
                 raise _store_error(error, self.path) from error
             raise
@@ -872,7 +874,7 @@ class Store:
                     "forced": refuse is None})
             self.db.execute("COMMIT")
         except BaseException as error:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             if isinstance(error, sqlite3.OperationalError):
                 raise _store_error(error, self.path) from error
             raise
@@ -883,6 +885,12 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
             raise _store_error(error, self.path) from error
+
+    def _rollback(self) -> None:
+        # SQLite may have rolled the whole transaction back itself (SQLITE_FULL, SQLITE_IOERR): a second
+        # ROLLBACK would raise and hide the error that caused it.
+        if self.db.conn.in_transaction:
+            self.db.execute("ROLLBACK")
 
     def timeline(self, address: str) -> dict:
         """Return everything known about an address: audit events, ledger rows, requests and suppressions."""
@@ -933,4 +941,6 @@ def _store_error(error: sqlite3.OperationalError, path: Path) -> StoreError:
     text = str(error)
     if "locked" in text or "busy" in text:
         return TransientError(f"{path}: the database is busy ({text}); try again")
+    if "full" in text:  # SQLITE_FULL: like a busy database, it passes once there is room again (EX_TEMPFAIL)
+        return TransientError(f"{path}: no room to write ({text}); try again")
     return StoreError(f"{path}: {text}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -27,11 +28,14 @@ class Received:
 
 @dataclass
 class Collector:
-    """The relay's handler: `mode` is "accept", "tempfail" (451 at DATA), "permfail" (550 at RCPT) or "drop"."""
+    """The relay's handler: `mode` is "accept", "tempfail" (451 at DATA), "permfail" (550 at RCPT), "drop" or
+    "hang" (takes the whole message, then never answers: a client waits for its timeout; nothing is accepted)
+    or "slow" (accepts the message, as an MTA queues it, then takes `slow_seconds` to say 250)."""
 
     mode: str = "accept"
     received: list[Received] = field(default_factory=list)
     attempts: int = 0
+    slow_seconds: float = 5.0
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         self.attempts += 1
@@ -43,11 +47,24 @@ class Collector:
     async def handle_DATA(self, server, session, envelope):
         if self.mode == "tempfail":
             return "451 4.3.0 try again later"
+        if self.mode == "slow":
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+            await asyncio.sleep(self.slow_seconds)
+            return "250 2.0.0 queued"
+        if self.mode == "hang":
+            await asyncio.sleep(3600)  # cancelled when the client hangs up
         if self.mode == "drop":
             server.transport.close()  # hang up in the middle of DATA, before any answer
             return "421 closing"
         self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
         return "250 2.0.0 queued"
+
+
+def silent_listener() -> socket.socket:
+    """Return a socket listening on a free loopback port that never accepts: the handshake completes in the
+    kernel, then a client waits for a greeting that never comes. Close it when done."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+    return listener
 
 
 class Relay:

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from optout.errors import ConfigError, MailboxError, TransientError, one_line
+from optout.errors import ConfigError, MailboxError, StoreError, one_line
 
 log = logging.getLogger("optout.imap")
 # What a lost or refused connection raises; not OSError as a whole, which a missing file raises too.
@@ -152,7 +152,10 @@ class ImapSource:
             try:
                 self.client.logout()
             except Exception:  # the connection may already be gone; closing must not fail
-                pass
+                try:
+                    self.client.shutdown()  # logout closes the socket only when the server answers
+                except Exception:
+                    pass
             self.client = None
 
     # ------------------------------------------------------------ one pass
@@ -260,8 +263,10 @@ class ImapSource:
                 self.run_once()
                 delay = backoff_start
                 self._wait_for_mail()
-            except TransientError as error:
-                log.warning("store busy (%s); retrying in %.0fs", error, delay)
+            except StoreError as error:
+                # Busy, full or not writable: the mail stays where it is until the store takes it; a watcher
+                # that died here would leave the daemon answering SMTP with nobody reading the mailbox.
+                log.warning("store: %s; retrying in %.0fs", one_line(error), delay)
                 self.stop.wait(delay)
                 delay = min(delay * 2, backoff_max)
             except (MailboxError, *NETWORK_ERRORS) as error:
