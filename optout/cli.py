@@ -751,7 +751,8 @@ def run(ctx: click.Context, once: bool, dry_run: bool, as_json: bool) -> None:
                 message += f" Requests: {swept['expired']} expired, {swept['fulfilled']} fulfilled{failed}."
             sent = flush_outbox(settings, state.store, now)
             message += (f" Outbox: {sent.sent} sent, {sent.retried} deferred, {sent.failed} failed"
-                        f"{f', {sent.held} held by the hourly cap' if sent.held else ''}.")
+                        f"{f', {sent.held} held by the hourly cap' if sent.held else ''}"
+                        f"{f', {sent.in_doubt} in doubt (see outbox list --status in-doubt)' if sent.in_doubt else ''}.")
     if as_json:
         click.echo(json.dumps({"imap": None if summary is None else summary.__dict__, "requests": swept,
                                "outbox": None if sent is None else sent.__dict__, "dry_run": dry_run}))
@@ -765,7 +766,8 @@ def outbox() -> None:
 
 
 @outbox.command("list")
-@click.option("--status", type=click.Choice(["queued", "sent", "failed"]), help="Only replies in this state.")
+@click.option("--status", type=click.Choice(["queued", "sent", "failed", "in-doubt", "erased"]),
+              help="Only replies in this state (in-doubt: interrupted while the relay answered; retry or purge).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON array.")
 @click.pass_obj
 def outbox_list(state: Context, status: str | None, as_json: bool) -> None:
@@ -790,6 +792,18 @@ def outbox_retry(state: Context, reply_id: int) -> None:
     if not state.store.outbox_retry(reply_id, now()):
         raise InputError(f"no unsent reply with id {reply_id}")
     click.echo(f"reply {reply_id} queued; it goes out with the next outbox run")
+
+
+@outbox.command("confirm")
+@click.argument("reply_id", type=int)
+@click.pass_obj
+def outbox_confirm(state: Context, reply_id: int) -> None:
+    """Mark a reply in doubt as sent, once the relay's log shows it took it (audited)."""
+    found = [r for r in state.store.outbox("in-doubt") if r["id"] == reply_id]
+    if not found:
+        raise InputError(f"no reply in doubt with id {reply_id} (see optout outbox list --status in-doubt)")
+    state.store.outbox_result(reply_id, now(), "sent", "confirmed by an admin")
+    click.echo(f"reply {reply_id} marked sent")
 
 
 @outbox.command("purge")

@@ -1,7 +1,9 @@
 """Send queued replies to the relay (smtplib), with retries, backoff and an hourly circuit breaker.
 
-- Delivery is at least once: a reply is marked sent only after the relay accepted it, and keeps its
-  Message-ID on every attempt, so a retry after a crash is recognisable; a reply marked sent is never sent again.
+- Delivery is at most once across a crash: a reply is marked sent only after the relay accepted it, and
+  marked in doubt while its bytes travel (after the relay's 354, until its answer). A crash leaves it in
+  doubt, held for a person, instead of sending it twice; a lost connection is retried (RFC 1047: the relay
+  has not answered, so it did not take responsibility). A reply marked sent is never sent again.
 - 4xx answers and connection errors are retried with exponential backoff; 5xx answers fail the reply.
 - A relay that is down (refused, silent past the timeout, hung up, 421) costs one attempt of one reply per
   pass: the others wait for the next pass untouched, so a dead relay costs a pass one timeout, not one a reply.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import smtplib
 import ssl
 from dataclasses import dataclass, field
@@ -42,7 +45,8 @@ class DeliveryError(Exception):
 class Transport(Protocol):
     """Something that delivers one reply or raises DeliveryError."""
 
-    def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None: ...
+    def send(self, raw: bytes, recipient: str, message_id: str | None = None,
+             on_data: Callable[[], None] | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -100,15 +104,36 @@ class RelayTransport:
                                 relay_down=True) from None
         return client
 
-    def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None:
-        """Hand one reply to the relay with a null envelope sender."""
+    def send(self, raw: bytes, recipient: str, message_id: str | None = None,
+             on_data: Callable[[], None] | None = None) -> None:
+        """Hand one reply to the relay with a null envelope sender.
+
+        `on_data` runs once the relay has said 354, just before the message and its final dot go out: from
+        then on, until the relay answers, the reply is in doubt (RFC 1047) — a crash there must not send it again.
+        """
         if self.client is None:
             self.client = self._connect()
+        client = self.client
         try:
-            refused = self.client.sendmail("<>", [recipient], raw)
-        except smtplib.SMTPRecipientsRefused as error:
-            code, text = next(iter(error.recipients.values()))
-            raise DeliveryError(f"{code} {one_line(text)}", permanent=code >= 500) from None
+            client.ehlo_or_helo_if_needed()
+            code, text = client.mail("<>")
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, text, "<>")
+            code, text = client.rcpt(recipient)
+            if code not in (250, 251):
+                client.rset()
+                raise DeliveryError(f"{code} {one_line(text)}", permanent=code >= 500)
+            code, text = client.docmd("DATA")
+            if code != 354:
+                raise smtplib.SMTPDataError(code, text)
+            if on_data is not None:
+                on_data()
+            # Dot-stuffing (RFC 5321 §4.5.2) and the final dot, as smtplib.SMTP.data() does it.
+            payload = re.sub(rb"(?m)^\.", b"..", raw if raw.endswith(b"\r\n") else raw + b"\r\n")
+            client.send(payload + b".\r\n")
+            code, text = client.getreply()
+            if code != 250:
+                raise smtplib.SMTPDataError(code, text)
         except smtplib.SMTPResponseException as error:
             self.close()
             raise DeliveryError(f"{error.smtp_code} {one_line(error.smtp_error)}", permanent=error.smtp_code >= 500,
@@ -118,9 +143,6 @@ class RelayTransport:
             # again; the next attempt starts a new connection.
             self._drop()
             raise DeliveryError(f"connection lost: {one_line(error)}", permanent=False, relay_down=True) from None
-        if refused:
-            code, text = next(iter(refused.values()))
-            raise DeliveryError(f"{code} {one_line(text)}", permanent=code >= 500)
 
     def close(self) -> None:
         """Say QUIT, quietly."""
@@ -148,8 +170,9 @@ class MaildirTransport:
         self.path = Path(path)
         self._read: set[str] | None = None
 
-    def send(self, raw: bytes, recipient: str, message_id: str | None = None) -> None:
-        """Add the reply to the maildir, unless a reply with its Message-ID is there already."""
+    def send(self, raw: bytes, recipient: str, message_id: str | None = None,
+             on_data: Callable[[], None] | None = None) -> None:
+        """Add the reply to the maildir, unless a reply with its Message-ID is there already (never in doubt)."""
         name = hashlib.sha256(message_id.encode() if message_id else raw).hexdigest()[:40] + ".optout"
         try:
             for folder in ("tmp", "new", "cur"):
@@ -179,6 +202,7 @@ class FlushSummary:
     retried: int = 0
     failed: int = 0
     held: int = 0
+    in_doubt: int = 0
 
 
 
@@ -208,6 +232,13 @@ def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap
     `store` is the Store (or a proxy that runs its methods on the writer thread).
     """
     summary = FlushSummary()
+    doubtful = store.outbox_count("in-doubt")
+    if doubtful:
+        # Killed between handing a reply over and hearing the relay's answer: it may have gone, or not.
+        # Sending again could send it twice; a person decides (the relay's log knows its Message-ID).
+        summary.in_doubt = doubtful
+        log.warning("%d replies are in doubt (interrupted while the relay was answering): see `optout outbox "
+                    "list --status in-doubt`, then `optout outbox retry ID` those the relay did not take", doubtful)
     try:
         while True:
             now = clock()
@@ -227,7 +258,8 @@ def flush(store, transport: Transport, clock: Callable[[], datetime], hourly_cap
                 if signer is not None:
                     raw = signer(raw)
                 try:
-                    transport.send(raw, row["to_address"], row["message_id"])
+                    transport.send(raw, row["to_address"], row["message_id"],
+                                   on_data=lambda outbox_id=row["id"]: store.outbox_in_doubt(outbox_id))
                 except DeliveryError as error:
                     attempts = row["attempts"] + 1
                     if error.permanent or attempts >= max_attempts:

@@ -400,6 +400,17 @@ class Store:
             "SELECT count(*) FROM outbox WHERE status = 'queued' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
             [_iso(now)]).fetchone()[0])
 
+    def outbox_count(self, status: str) -> int:
+        """Count the replies in one status."""
+        return int(self.db.execute("SELECT count(*) FROM outbox WHERE status = ?", [status]).fetchone()[0])
+
+    def outbox_in_doubt(self, outbox_id: int) -> None:
+        """Mark a reply whose bytes are going to the relay: until its answer, nobody knows whether it went."""
+        try:
+            self.db.execute("UPDATE outbox SET status = 'in-doubt' WHERE id = ? AND status = 'queued'", [outbox_id])
+        except sqlite3.OperationalError as error:
+            raise _store_error(error, self.path) from error
+
     def sent_since(self, since: datetime) -> int:
         """Count the replies sent since a moment (for the hourly circuit breaker)."""
         return int(self.db.execute("SELECT count(*) FROM outbox WHERE status = 'sent' AND sent_at >= ?",
@@ -414,7 +425,7 @@ class Store:
         try:
             self.db.execute(
                 "UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
-                "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND status = 'queued'",
+                "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND status IN ('queued', 'in-doubt')",
                 [status, None if result == "sent" else detail[:500],
                  _iso(next_attempt_at) if next_attempt_at else None, result, at, outbox_id])
             self.db.execute("INSERT INTO outbox_attempts (outbox_id, at, result, detail) VALUES (?, ?, ?, ?)",
@@ -530,7 +541,7 @@ class Store:
                                 [at, request_id])
             self.db.execute("COMMIT")
         except sqlite3.OperationalError as error:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise _store_error(error, self.path) from error
         except BaseException:
             self._rollback()
