@@ -30,9 +30,11 @@ Exit codes:
   6   the IMAP server cannot be reached or refuses the login
   7   another `optout run` is in progress (the lock is held)
   8   refused: `suppression remove` of an address with a deletion
-      tombstone (use --force)
+      tombstone (use --force); `requests fulfil` of a request not
+      confirmed; a change to a closed request; an extension past
+      what the jurisdiction allows
   70  internal error (a bug: please report it)
-  75  the database is busy: try again later
+  75  the database is busy or full: try again later
 """
 
 
