@@ -65,6 +65,8 @@ class Settings:
     relay_url: str | None = field(default=None, repr=False)
     relay_username: str | None = None
     relay_password_file: str | None = None
+    relay_timeout: int = 30
+    relay_data_timeout: int = 600
     dkim_selector: str | None = None
     dkim_domain: str | None = None
     dkim_key_file: str | None = None
@@ -111,6 +113,8 @@ SCHEMA: dict[str, dict[str, tuple[str, type, str | None]]] = {
         "url": ("relay_url", str, "relay-url"),
         "username": ("relay_username", str, None),
         "password_file": ("relay_password_file", str, None),
+        "timeout": ("relay_timeout", int, "positive"),
+        "data_timeout": ("relay_data_timeout", int, "positive"),
     },
     "dkim": {
         "selector": ("dkim_selector", str, None),

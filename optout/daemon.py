@@ -66,7 +66,8 @@ def make_fulfilment(settings: Settings, templates=None) -> Fulfilment:
 def make_transport(settings: Settings):
     """Return where replies go: the relay when one is configured, else the maildir of sent mail."""
     if settings.relay_url:
-        return RelayTransport(relay_settings(settings.relay_url, settings.relay_username, settings.relay_password))
+        return RelayTransport(relay_settings(settings.relay_url, settings.relay_username, settings.relay_password,
+                                             settings.relay_timeout, settings.relay_data_timeout))
     return MaildirTransport(settings.sent_maildir)
 
 

@@ -60,10 +60,12 @@ class RelaySettings:
     security: str = "plain"
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    timeout: float = 30.0
+    timeout: float = 30.0  # connecting and every command
+    data_timeout: float = 600.0  # the answer to the final dot (RFC 5321 §4.5.3.2.6: 10 minutes)
 
 
-def relay_settings(url: str, username: str | None = None, password: str | None = None) -> RelaySettings:
+def relay_settings(url: str, username: str | None = None, password: str | None = None, timeout: float = 30.0,
+                   data_timeout: float = 600.0) -> RelaySettings:
     """Parse a relay URL; credentials may be in it or given apart (from the environment or a file)."""
     parsed = urlsplit(url)
     security = {"smtp": "plain", "smtps": "tls", "smtp+starttls": "starttls"}.get(parsed.scheme)
@@ -74,7 +76,7 @@ def relay_settings(url: str, username: str | None = None, password: str | None =
     except ValueError:
         raise ConfigError("relay URL has a bad port") from None
     return RelaySettings(parsed.hostname, port, security, username or (unquote(parsed.username) if parsed.username else None),
-                         password or (unquote(parsed.password) if parsed.password else None))
+                         password or (unquote(parsed.password) if parsed.password else None), timeout, data_timeout)
 
 
 class RelayTransport:
@@ -131,7 +133,13 @@ class RelayTransport:
             # Dot-stuffing (RFC 5321 §4.5.2) and the final dot, as smtplib.SMTP.data() does it.
             payload = re.sub(rb"(?m)^\.", b"..", raw if raw.endswith(b"\r\n") else raw + b"\r\n")
             client.send(payload + b".\r\n")
-            code, text = client.getreply()
+            # A relay may take long to take responsibility; a short wait here would only send it twice.
+            client.sock.settimeout(self.settings.data_timeout)
+            try:
+                code, text = client.getreply()
+            finally:
+                if client.sock is not None:
+                    client.sock.settimeout(self.settings.timeout)
             if code != 250:
                 raise smtplib.SMTPDataError(code, text)
         except smtplib.SMTPResponseException as error:

@@ -511,7 +511,7 @@ def test_a_sick_relay_costs_one_bounded_attempt_the_replies_wait_and_each_goes_o
     clock = [NOW]
     with contextlib.ExitStack() as stack:
         port = relay_fault(kind, relay, stack)
-        transport = RelayTransport(RelaySettings("127.0.0.1", port, timeout=timeout))
+        transport = RelayTransport(RelaySettings("127.0.0.1", port, timeout=timeout, data_timeout=timeout))
         started = time.monotonic()
         sick = flush(store, transport, lambda: clock[0])
         took = time.monotonic() - started
@@ -519,9 +519,9 @@ def test_a_sick_relay_costs_one_bounded_attempt_the_replies_wait_and_each_goes_o
         tried = store.db.execute("SELECT outbox_id, result, detail FROM outbox_attempts").fetchall()
     accepted_while_sick = len(relay.received)
     clock[0] += timedelta(hours=1)
-    well = flush(store, RelayTransport(RelaySettings("127.0.0.1", relay.port, timeout=timeout)), lambda: clock[0])
+    well = flush(store, RelayTransport(RelaySettings("127.0.0.1", relay.port, timeout=timeout, data_timeout=timeout)), lambda: clock[0])
     clock[0] += timedelta(days=1)
-    again = flush(store, RelayTransport(RelaySettings("127.0.0.1", relay.port, timeout=timeout)), lambda: clock[0])
+    again = flush(store, RelayTransport(RelaySettings("127.0.0.1", relay.port, timeout=timeout, data_timeout=timeout)), lambda: clock[0])
 
     assert (sick.sent, sick.retried, sick.failed) == (0, 1, 0)
     assert took < 3 * timeout  # bounded: one timeout (and no QUIT to wait for), not one per reply
