@@ -158,12 +158,15 @@ def may_auto_reply(message: Message, classification: Classification, own_address
     return True, None
 
 
-def mailbox_folder(classification: Classification, review_reasons: tuple[str, ...]) -> str | None:
+def mailbox_folder(classification: Classification, review_reasons: tuple[str, ...], action: str = "") -> str | None:
     """Say where a processed message is filed: None for the review folder, else the name of its kind.
 
-    Mail a person should read (`other` for one of the review reasons: unclear, question, malformed …)
-    goes to review; everything else is filed by kind.
+    A confirmation of a request (action "verify") is filed as "confirmed", whatever its words; mail a person
+    should read (`other` for one of the review reasons: unclear, question, malformed …) goes to review;
+    everything else is filed by kind.
     """
+    if action == "verify":
+        return "confirmed"
     if classification.kind is Kind.OTHER and classification.reason in review_reasons:
         return None
     return classification.kind.value

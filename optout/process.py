@@ -53,7 +53,7 @@ class Outcome:
 
     def filed_as(self, review_reasons: tuple[str, ...]) -> str | None:
         """Return the kind a mailbox files this message under, or None for the review folder (policy decides)."""
-        return mailbox_folder(self.classification, review_reasons)
+        return mailbox_folder(self.classification, review_reasons, self.decision.action)
 
 
 def examine(raw: bytes, pipeline: Pipeline, envelope_sender: str | None = None,

@@ -352,3 +352,22 @@ def test_a_forged_from_cannot_obtain_anyones_data(desk):
     assert [e["status"] for e in office.audit("confirmation.refused")] == ["unknown", "unknown"]
     assert office.request()["status"] == "awaiting-verification"
     assert [m.rcpt_tos for m in office.relay.received] == [["ann@example.net"]]
+
+
+def test_a_request_and_its_confirmation_from_the_imap_mailbox_with_run_once(mailbox, relay, run_optout, tmp_path):
+    env = {**mailbox.env(), "OPTOUT_DATABASE": str(tmp_path / "optout.db"), "OPTOUT_RELAY_URL": relay.url,
+           "OPTOUT_NOW": NOW.isoformat()}
+    mailbox.append([make_mail("Wat voor persoonsgegevens hebben jullie over mij? Stuur me een kopie.",
+                              subject="Inzage", sender=ANN, message_id="<nl1@example.net>")])
+    first = run_optout("run", "--once", env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (ack,) = relay.received
+    assert ack.rcpt_tos == ["ann@example.net"] and token_of(ack)
+
+    mailbox.append([answer(ack, "Ja, dat klopt.")])
+    second = run_optout("run", "--once", env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert len(relay.received) == 2 and list(relay.received[1].message.iter_attachments())
+    counts = mailbox.counts()
+    assert counts.get("INBOX") == 0 and counts.get("Processed.access") == 1 and counts.get("Processed.confirmed") == 1
+    assert query(tmp_path / "optout.db", "SELECT status FROM requests") == [("fulfilled",)]
