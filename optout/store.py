@@ -179,10 +179,15 @@ def _migration_5(db: sqlite_utils.Database) -> None:
 def _migration_6(db: sqlite_utils.Database) -> None:
     # Requests are verified before they are fulfilled (issue 6): a lifecycle, a confirmation token (its hash
     # only), an acknowledgement deadline (CCPA) and what closed them. Requests opened before are awaiting it.
-    for column in ("jurisdiction TEXT NOT NULL DEFAULT 'gdpr'", "ack_due_at TEXT", "acknowledged_at TEXT",
-                   "token_hash TEXT", "token_expires_at TEXT", "verified_at TEXT", "closed_at TEXT", "resolution TEXT",
-                   "extended_days INTEGER NOT NULL DEFAULT 0"):
-        db.execute(f"ALTER TABLE requests ADD COLUMN {column}")
+    db.execute("ALTER TABLE requests ADD COLUMN jurisdiction TEXT NOT NULL DEFAULT 'gdpr'")
+    db.execute("ALTER TABLE requests ADD COLUMN ack_due_at TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN acknowledged_at TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN token_hash TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN token_expires_at TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN verified_at TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN closed_at TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN resolution TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN extended_days INTEGER NOT NULL DEFAULT 0")
     db.execute("UPDATE requests SET status = 'awaiting-verification' WHERE status = 'open'")
     db.execute("CREATE UNIQUE INDEX requests_token ON requests(token_hash)")
     db.execute("CREATE INDEX requests_status ON requests(status, due_at)")
@@ -202,8 +207,18 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.strip().lower().encode()).hexdigest()
 
 
+def quote_identifier(name: str) -> str:
+    """Return a table, column or schema name quoted for SQL; anything but a plain name is refused.
+
+    The one way a name from the config (the contact tables) reaches SQL: values always go as parameters.
+    """
+    if not _IDENTIFIER.fullmatch(name):
+        raise StoreError(f"{name!r} is not a plain table or column name")
+    return f'"{name}"'
+
+
 def contact_column(spec: str) -> tuple[str, str]:
-    """Split "TABLE.COLUMN" into two SQL identifiers, refusing anything that is not a plain name."""
+    """Split "TABLE.COLUMN" into its two names, refusing anything that is not plain names."""
     table, dot, column = spec.partition(".")
     if not dot or not _IDENTIFIER.fullmatch(table) or not _IDENTIFIER.fullmatch(column):
         raise StoreError(f"contact table {spec!r}: give TABLE.COLUMN, plain names only")
@@ -569,7 +584,8 @@ class Store:
             for spec in tables:
                 table, column = contact_column(spec)
                 found[spec] = _dicts(self.db.execute(
-                    f'SELECT * FROM "{schema}"."{table}" WHERE lower(trim("{column}")) = ?', [address]))
+                    f"SELECT * FROM {quote_identifier(schema)}.{quote_identifier(table)} "
+                    f"WHERE lower(trim({quote_identifier(column)})) = ?", [address]))
         return found
 
     def personal_data(self, address: str, tables: tuple[str, ...] = (), database: str | None = None) -> dict:
@@ -616,7 +632,8 @@ class Store:
                 for spec in tables:
                     table, column = contact_column(spec)
                     erased[spec] = self.db.execute(
-                        f'DELETE FROM "{schema}"."{table}" WHERE lower(trim("{column}")) = ?', [address]).rowcount
+                        f"DELETE FROM {quote_identifier(schema)}.{quote_identifier(table)} "
+                        f"WHERE lower(trim({quote_identifier(column)})) = ?", [address]).rowcount
         return erased
 
     @contextlib.contextmanager
@@ -647,10 +664,9 @@ class Store:
 
     def compact(self) -> None:
         """Rewrite the database files so that nothing deleted survives in them: VACUUM, then empty the WAL."""
-        schemas = [row[1] for row in self.db.execute("PRAGMA database_list")]
-        for schema in ("main", "contacts"):
-            if schema in schemas:
-                self.db.execute(f"VACUUM {schema}")
+        self.db.execute("VACUUM main")
+        if any(row[1] == "contacts" for row in self.db.execute("PRAGMA database_list")):
+            self.db.execute("VACUUM contacts")
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _queue(self, reply, key: str | None, at: str, request_id: int | None = None,
