@@ -884,16 +884,21 @@ def requests_show(state: Context, request_id: str, as_json: bool) -> None:
 
 @requests.command("fulfil")
 @click.argument("request_id")
+@click.option("--verified-by", metavar="HOW",
+              help="The requester was verified another way (e.g. 'phone call, customer number checked'): audited.")
 @click.pass_obj
-def requests_fulfil(state: Context, request_id: str) -> None:
+def requests_fulfil(state: Context, request_id: str, verified_by: str | None) -> None:
     """Fulfil a verified request: send the data (access) or erase it (deletion), and tell the requester.
 
-    Only a request its requester has confirmed is fulfilled (exit 8 otherwise). The reply goes to the outbox
-    (sent by the daemon, `run --once`, or the next flush).
+    Only a request its requester has confirmed is fulfilled (exit 8 otherwise), unless --verified-by says how
+    it was verified instead. The reply goes to the request's address, through the outbox.
     """
     from optout.fulfil import fulfil
 
     found = _request_or_fail(state, request_id)
+    if verified_by and found["status"] == "awaiting-verification":
+        state.store.change_request(found["id"], now(), "request.verified", {"by": "admin", "how": verified_by},
+                                   status="verified")
     done = fulfil(state.store, found["id"], now(), state.pipeline.fulfilment, by="admin")
     verb = "sent" if found["kind"] == "access" else "erased"
     listed = ", ".join(f"{count} {place}" for place, count in done.items() if count) or "nothing was held"

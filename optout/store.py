@@ -544,8 +544,9 @@ class Store:
             if status is not None:
                 # The token's hash stays: a second use is then told apart from a token never issued.
                 self.db.execute("UPDATE requests SET status = ?, closed_at = CASE WHEN ? THEN ? ELSE closed_at END, "
+                                "verified_at = CASE WHEN ? = 'verified' THEN ? ELSE verified_at END, "
                                 "resolution = coalesce(?, resolution) WHERE id = ?",
-                                [status, status in CLOSED, at, resolution, request_id])
+                                [status, status in CLOSED, at, status, at, resolution, request_id])
             if due_at is not None:
                 self.db.execute("UPDATE requests SET due_at = ?, extended_days = extended_days + ? WHERE id = ?",
                                 [_iso(due_at), extended_days, request_id])

@@ -104,9 +104,14 @@ def test_the_yearly_report_counts_per_kind_with_the_median_days_to_answer(databa
     bob = next(r for r in rows if r["address"] == "bob@example.net")
     assert run(database, "reject", ann["reference"], "--reason", "no", "--no-reply",
                now="2026-12-09T12:00:00+00:00").returncode == 0
-    with Store(database) as store:  # Bob confirmed; an admin fulfils (the deletion) on 2026-12-03
-        store.db.execute("UPDATE requests SET status = 'verified' WHERE id = ?", [bob["id"]])
-    assert run(database, "fulfil", bob["reference"], now="2026-12-03T12:00:00+00:00").returncode == 0
+    unverified = run(database, "fulfil", bob["reference"], now="2026-12-03T12:00:00+00:00")
+    assert unverified.returncode == 8 and "only a verified request" in unverified.stderr
+    # Bob was verified on the phone; an admin fulfils (the deletion) on 2026-12-03.
+    assert run(database, "fulfil", bob["reference"], "--verified-by", "phone call, account number checked",
+               now="2026-12-03T12:00:00+00:00").returncode == 0
+    with Store(database) as store:
+        (detail,) = [row[0] for row in store.db.execute("SELECT detail FROM audit WHERE event = 'request.verified'")]
+        assert json.loads(detail)["how"] == "phone call, account number checked"
     result = run(database, "report", "--year", "2026", "--json")
     report = json.loads(result.stdout)["kinds"]
     assert report["access"] == {"received": 1, "complied": 0, "denied": 1, "expired": 0, "pending": 0,
