@@ -57,6 +57,8 @@ class ImapSettings:
     review_folder: str = "Review"
     review_reasons: tuple[str, ...] = ("unclear", "question", "malformed", "subscribe", "empty", "error")
     batch_size: int = 500
+    # Larger mail is not fetched: it goes to the review folder unread (RFC822.SIZE, RFC 3501 §6.4.5).
+    max_message_bytes: int = 32 * 1024 * 1024
     poll_seconds: int = 60
     timeout: float = 60.0
     dry_run: bool = False
@@ -94,6 +96,7 @@ class RunSummary:
     processed: int = 0
     duplicates: int = 0
     moved: int = 0
+    oversize: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
 
 
@@ -182,9 +185,16 @@ class ImapSource:
             if self.stop.is_set():
                 break
             batch = uids[start:start + s.batch_size]
-            fetched = client.fetch(batch, ["BODY.PEEK[]"])
             destinations: dict[str, list[int]] = {}
             done: list[int] = []
+            oversize = self._oversize(batch)
+            if oversize:
+                destinations[s.review_folder] = oversize
+                done += oversize
+                summary.oversize += len(oversize)
+                skipped = set(oversize)
+                batch = [uid for uid in batch if uid not in skipped]
+            fetched = client.fetch(batch, ["BODY.PEEK[]"]) if batch else {}
             present = [uid for uid in batch if b"BODY[]" in fetched.get(uid, {})]  # others were expunged meanwhile
             results = None
             if self.examiner is not None and len(present) > 1:
@@ -219,6 +229,16 @@ class ImapSource:
                 if done:
                     self.sink.set_checkpoint(s.name, uidvalidity, max(done))
         return summary
+
+    def _oversize(self, batch: list[int]) -> list[int]:
+        """Return the UIDs of the batch larger than the limit, warning about each (never reading it)."""
+        sizes = self.client.fetch(batch, ["RFC822.SIZE"])
+        limit = self.settings.max_message_bytes
+        found = [uid for uid in batch if int(sizes.get(uid, {}).get(b"RFC822.SIZE", 0)) > limit]
+        for uid in found:
+            log.warning("IMAP message UID %s is %s bytes (limit %s): left unread for review", uid,
+                        sizes[uid][b"RFC822.SIZE"], limit)
+        return found
 
     def _ensure_folder(self, folder: str) -> None:
         if folder in self._folders:
