@@ -22,6 +22,7 @@ logging.getLogger("flanker.addresslib._parser.parser").setLevel(logging.ERROR)
 logging.getLogger("flanker").setLevel(logging.ERROR)
 
 from flanker import mime  # noqa: E402  (after the logger is quiet)
+from flanker.mime.message.headers import encodedword  # noqa: E402
 
 MAX_TEXT = 200_000
 MAX_PARSE_BYTES = 16 * 1024 * 1024
@@ -177,12 +178,43 @@ def _first(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
     return next((value for key, value in headers if key == name), None)
 
 
-def _addresses(values: list[str]) -> list[tuple[str, str]]:
+ADDRESS_HEADERS = frozenset({"from", "to", "cc", "reply-to", "sender"})
+MAX_ADDRESS = 254  # RFC 5321 §4.5.3.1.3: a path is at most 256 octets, brackets included
+
+
+def _addresses(values: list[str], defects: list[str] | None = None) -> list[tuple[str, str]]:
+    """Return (display name, address) pairs from raw header values: parsed first, then the names decoded.
+
+    RFC 2047 §5: encoded words are decoded after parsing, or a name that decodes to ":" or "," or
+    "@" ("=?utf-8?q?M=C3=BCller=2C_Hans?=") changes which address is read.
+    """
+    try:
+        pairs = email.utils.getaddresses(values)
+    except Exception as error:  # the stdlib recurses once per nested comment: "((((…ann@example.net))))"
+        if defects is not None:
+            defects.append(f"unreadable address header: {type(error).__name__}")
+        return []
     result = []
-    for name, address in email.utils.getaddresses(values):
-        if "@" in address:
-            result.append((name.strip(), address.strip()))
+    for name, address in pairs:
+        address = address.strip()
+        local, at, domain = address.rpartition("@")
+        if at and local and domain and len(address) <= MAX_ADDRESS:
+            result.append((_decoded(name.strip()), address))
     return result
+
+
+def _decoded(name: str) -> str:
+    if "=?" not in name:
+        return name
+    try:
+        return encodedword.decode(name) or name  # flanker's decoder takes encoded and raw text mixed
+    except Exception:  # a broken encoded word stays as it was written
+        return name
+
+
+def _address_headers(items, latin: bool = False) -> tuple[tuple[str, str], ...]:
+    """Return the raw (undecoded) address headers among the first MAX_HEADERS headers."""
+    return tuple((name, value) for name, value in _headers_of(items, latin) if name in ADDRESS_HEADERS)
 
 
 def _display(name: str, address: str) -> str:
@@ -222,27 +254,27 @@ def _date(value: str | None) -> datetime | None:
 
 
 def _common(headers: tuple[tuple[str, str], ...], raw: bytes, digest: str, defects: list[str],
-            envelope: dict) -> dict:
-    from_ = _addresses([v for k, v in headers if k == "from"])
+            envelope: dict, address_headers: tuple[tuple[str, str], ...]) -> dict:
+    from_ = _addresses([v for k, v in address_headers if k == "from"], defects)
     sender_display = None
     sender = None
     if from_:
         name, address = from_[0]
         sender = normalise_address(address)
         sender_display = _display(name, address)
-    recipients = [normalise_address(a) for _, a in _addresses([v for k, v in headers if k in ("to", "cc")])]
+    recipients = [normalise_address(a) for _, a in _addresses([v for k, v in address_headers if k in ("to", "cc")])]
     return_path = _first(headers, "return-path")
     if return_path is not None:
         return_path = return_path.strip()
         return_path = "" if return_path in ("<>", "") else normalise_address(return_path)
     references = tuple(ref for ref in (_first(headers, "references") or "").split() if ref.startswith("<"))
-    sender_header = _addresses([v for k, v in headers if k == "sender"])
+    sender_header = _addresses([v for k, v in address_headers if k == "sender"])
     return dict(
         sha256=digest,
         size=len(raw),
         sender=sender,
         sender_display=sender_display,
-        reply_to=tuple(normalise_address(a) for _, a in _addresses([v for k, v in headers if k == "reply-to"])),
+        reply_to=tuple(normalise_address(a) for _, a in _addresses([v for k, v in address_headers if k == "reply-to"])),
         sender_header=normalise_address(sender_header[0][1]) if sender_header else None,
         return_path=return_path,
         recipients=tuple(dict.fromkeys(recipients)),
@@ -322,7 +354,7 @@ def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: d
     report = None
     if report_type:
         report = Report(report_type, tuple(report_fields), original_headers)
-    common = _common(headers, raw, digest, defects, envelope)
+    common = _common(headers, raw, digest, defects, envelope, _address_headers(root.headers.iteritems(raw=True), latin))
     return Message(
         **common,
         content_type=top_type,
@@ -473,5 +505,5 @@ def _from_stdlib(raw: bytes, digest: str, defects: list[str], envelope: dict) ->
     text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
     if not defects:
         defects.append("unreadable MIME")
-    common = _common(headers, raw, digest, defects, envelope)
+    common = _common(headers, raw, digest, defects, envelope, _address_headers(parsed.items()))
     return Message(**common, content_type=parsed.get_content_type(), text=text[:MAX_TEXT])

@@ -171,6 +171,24 @@ def test_html_past_a_megabyte_is_not_read():
     assert "TAIL-MARKER" not in text
 
 
+@pytest.mark.parametrize("from_, sender", [
+    # RFC 2047 §5: a name is decoded after the address is parsed, whatever it decodes to.
+    (b"=?utf-8?q?Ann=0D=0ABcc=3A_x=40evil=2Eexample?= <ann@example.net>", "ann@example.net"),
+    (b"=?utf-8?q?M=C3=BCller=2C_Hans?= <hans@example.net>", "hans@example.net"),
+    (b"(" * 5000 + b"ann@example.net" + b")" * 5000, None),  # raised RecursionError
+    (b"ann@example.net\x00evil@x", None),
+    (b"@example.net", None),
+    (b"ann@" + b"a." * 200 + b"example", None),  # longer than any address may be
+])
+def test_a_hostile_from_never_names_someone_else(lexicon, from_, sender):
+    from optout.parse import parse_message
+
+    message = parse_message(b"From: " + from_ + b"\nTo: privacy@example.com\nSubject: Hi\n\nPlease unsubscribe me.\n")
+
+    assert message.sender == sender
+    assert message.sender_display is None or "\n" not in message.sender_display
+
+
 # ------------------------------------------------------------------ optout process FILE
 
 def test_optout_process_answers_every_attack_file_in_bounded_time_and_memory(tmp_path):
