@@ -146,7 +146,7 @@ def test_the_zip_bomb_is_real():
         assert unpacked.read(1 << 20) == b"\0" * (1 << 20)
 
 
-def test_every_fixture_is_answered_within_two_seconds(lexicon):
+def test_every_fixture_is_answered_within_five_seconds(lexicon):
     # The hostile fixtures (other/hostile-*, other/malformed-multipart-nested-*) each took 12 to 100 seconds,
     # or raised, before their fixes.
     from optout.classify import classify
@@ -156,7 +156,7 @@ def test_every_fixture_is_answered_within_two_seconds(lexicon):
     for path in sorted(FIXTURES.rglob("*.eml")):
         started = time.monotonic()
         classify(parse_message(path.read_bytes()), lexicon)
-        if time.monotonic() - started > 2.0:
+        if time.monotonic() - started > 5.0:
             slow[path.name] = round(time.monotonic() - started, 1)
 
     assert slow == {}

@@ -119,7 +119,7 @@ def test_an_idle_client_is_told_421_and_disconnected_after_the_command_timeout(s
     waited = time.monotonic() - started
 
     assert code == 421, text
-    assert 0.8 < waited < 3
+    assert 0.8 < waited < 5
     assert client.closed()
 
 
@@ -139,7 +139,7 @@ def test_a_client_that_keeps_talking_is_cut_off_by_the_session_timeout(smtp_daem
     elapsed = time.monotonic() - started
 
     assert codes[-1] == 421 and set(codes[:-1]) == {250}, codes
-    assert 1.8 < elapsed < 4
+    assert 1.8 < elapsed < 6
     assert client.closed()
 
 
