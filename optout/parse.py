@@ -262,19 +262,21 @@ def _common(headers: tuple[tuple[str, str], ...], raw: bytes, digest: str, defec
         name, address = from_[0]
         sender = normalise_address(address)
         sender_display = _display(name, address)
-    recipients = [normalise_address(a) for _, a in _addresses([v for k, v in address_headers if k in ("to", "cc")])]
+    recipients = [normalise_address(a) for _, a in _addresses([v for k, v in address_headers if k in ("to", "cc")],
+                                                               defects)]
     return_path = _first(headers, "return-path")
     if return_path is not None:
         return_path = return_path.strip()
         return_path = "" if return_path in ("<>", "") else normalise_address(return_path)
     references = tuple(ref for ref in (_first(headers, "references") or "").split() if ref.startswith("<"))
-    sender_header = _addresses([v for k, v in address_headers if k == "sender"])
+    sender_header = _addresses([v for k, v in address_headers if k == "sender"], defects)
     return dict(
         sha256=digest,
         size=len(raw),
         sender=sender,
         sender_display=sender_display,
-        reply_to=tuple(normalise_address(a) for _, a in _addresses([v for k, v in address_headers if k == "reply-to"])),
+        reply_to=tuple(normalise_address(a) for _, a in _addresses([v for k, v in address_headers if k == "reply-to"],
+                                                                   defects)),
         sender_header=normalise_address(sender_header[0][1]) if sender_header else None,
         return_path=return_path,
         recipients=tuple(dict.fromkeys(recipients)),
