@@ -290,6 +290,7 @@ def test_secrets_and_bodies_never_reach_a_log_an_output_or_the_database(mailbox,
     imap_password = mailbox.server.password
     token_key = f"token-key-{uuid.uuid4().hex}"
     wrong_password = f"wrong-pw-{uuid.uuid4().hex}"
+    url_password = f"url-pw-{uuid.uuid4().hex}"
     body_word = f"bodyword{uuid.uuid4().hex[:12]}"
     work = tmp_path / "work"
     work.mkdir()
@@ -310,16 +311,21 @@ def test_secrets_and_bodies_never_reach_a_log_an_output_or_the_database(mailbox,
     ])
 
     run = run_cli(work, "run", "--once", env=env)
-    again = run_cli(work, "run", "--once", env={**env, "OPTOUT_IMAP_PASSWORD": wrong_password})
+    # Passwords written into the URLs instead (allowed on loopback), the IMAP one wrong: the error path.
+    in_urls = {key: value for key, value in env.items() if key != "OPTOUT_IMAP_PASSWORD"}
+    in_urls["OPTOUT_IMAP_URL"] = mailbox.url().replace("@", f":{wrong_password}@", 1)
+    in_urls["OPTOUT_RELAY_URL"] = f"smtp://replies:{url_password}@127.0.0.1:{auth_relay.port}"
+    again = run_cli(work, "run", "--once", env=in_urls)
 
     assert headers.returncode == 0, headers.stderr
     assert run.returncode == 0, run.stderr
     assert again.returncode == 6, again.stderr  # the login refused: an error message, but no password in it
+    assert "refused" in again.stderr
     assert "Outbox: 2 sent" in run.stdout, run.stdout  # Bob and Cy; a token unsubscribe is never answered
     assert auth_relay.logins == [("replies", auth_relay.password)]  # the secret was really used
     assert query(work / "optout.db", "SELECT count(*) FROM ledger") == [(4,)]
     written = everything_written(work, headers, run, again)
     assert any(b"bob@example.net" in data for name, data in written.items() if name.startswith("optout.db"))
-    for secret in (imap_password, auth_relay.password, token_key, wrong_password, body_word):
+    for secret in (imap_password, auth_relay.password, token_key, wrong_password, url_password, body_word):
         leaks = [name for name, data in written.items() if secret.encode() in data]
         assert leaks == [], f"{secret[:12]}… found in {leaks}"
