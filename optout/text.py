@@ -148,7 +148,8 @@ class Markers:
 
 
 _BANNER_MARKS = ("---", "___", "===", "***")
-_LABEL = re.compile(r"^\s*\**\s*([^\W\d_][^:：*]{0,24}?)\s*\**\s*[:：]")
+# Possessive: whitespace around the stars is never given back, or a line of 10,000 tabs costs 16 seconds.
+_LABEL = re.compile(r"^\s*+\**+\s*+([^\W\d_][^:：*]{0,24}?)\s*+\**+\s*+[:：]")
 
 
 def strip_quoted(text: str, markers: Markers) -> str:
