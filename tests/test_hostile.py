@@ -162,6 +162,28 @@ def test_every_fixture_is_answered_within_five_seconds(lexicon):
     assert slow == {}
 
 
+RUNS = {  # what each took in the text module before its fix
+    "dots": "Well" + "." * 25_000 + "ok",  # 8 s
+    "question and exclamation marks": "Really" + "!?" * 12_000 + "no",  # 7 s
+    "a banner of dashes": "--- see below " + "-" * 100_000 + "x",  # 100 s
+    "tabs after a word": "Thanks" + "\t" * 10_000 + "all good",  # 16 s
+    "a long word and an at sign": "a" * 29_000 + " @",  # 3 s
+    "an at sign and a long word": "@" + "a" * 29_000,  # 3 s
+    "a hyphenated domain": "x@" + "a-" * 14_000,  # 2 s
+}
+
+
+@pytest.mark.parametrize("text", RUNS.values(), ids=RUNS.keys())
+def test_long_runs_cost_the_text_module_linear_time(lexicon, text):
+    from optout.text import strip_quoted, tokenise_lines
+
+    started = time.monotonic()
+    tokenise_lines(text[:30_000], set())
+    strip_quoted(text, lexicon.markers)
+
+    assert time.monotonic() - started < 1.0
+
+
 def test_html_past_a_megabyte_is_not_read():
     from optout.text import html_to_text
 
