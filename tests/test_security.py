@@ -17,6 +17,8 @@ from conftest import ROOT, make_mail, query, run_cli
 from relay import Collector
 
 SQL_METHODS = {"execute", "executemany", "executescript", "query", "rows_where", "count_where", "delete_where"}
+# Functions whose result may stand in SQL as an identifier: each refuses anything but a plain name.
+IDENTIFIER_QUOTERS = {"quote_identifier"}
 
 
 class SqlChecker:
@@ -24,6 +26,7 @@ class SqlChecker:
 
     Safe: a string constant; a name bound only to safe values (in the function or at module level); +, %,
     .format and f-strings whose every piece is safe; a join of "?"s; an index from enumerate() (an int);
+    an identifier through one of IDENTIFIER_QUOTERS;
     a parameter that every caller in the module fills with a safe value; element i of a module function's
     tuple whose every `return` is safe at i.
     """
@@ -69,6 +72,8 @@ class SqlChecker:
             return all(self.safe(e, scope) for e in node.elts)
         if isinstance(node, ast.IfExp):
             return self.safe(node.body, scope) and self.safe(node.orelse, scope)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in IDENTIFIER_QUOTERS:
+            return True
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             if node.func.attr == "join" and len(node.args) == 1 and self.placeholders(node.args[0]):
                 return self.safe(node.func.value, scope)
@@ -190,6 +195,7 @@ def test_the_sql_checker_sees_what_it_must():
         'def f(db, names):\n    marks = ",".join("?" for _ in names)\n    db.execute(f"SELECT * FROM t WHERE a IN ({marks})", names)',
         'COLUMNS = "SELECT a FROM t"\ndef f(db, x):\n    db.execute(f"{COLUMNS} WHERE a = ?", [x])',
         'def f(db, migrations):\n    for number, m in enumerate(migrations, 1):\n        db.execute(f"PRAGMA user_version = {number}")',
+        'def f(db, table, a):\n    db.execute(f"SELECT * FROM {quote_identifier(table)} WHERE a = ?", [a])',
     ]
 
     assert [s for s in unsafe if not sql_problems(s)] == []
