@@ -57,7 +57,7 @@ class ImapSettings:
     review_folder: str = "Review"
     review_reasons: tuple[str, ...] = ("unclear", "question", "malformed", "subscribe", "empty", "error")
     batch_size: int = 500
-    # Larger mail is not fetched: it goes to the review folder unread (RFC822.SIZE, RFC 3501 §6.4.5).
+    # Larger mail is never fetched: it goes to the review folder unread (SEARCH LARGER, RFC 3501 §6.4.4).
     max_message_bytes: int = 32 * 1024 * 1024
     poll_seconds: int = 60
     timeout: float = 60.0
@@ -96,7 +96,6 @@ class RunSummary:
     processed: int = 0
     duplicates: int = 0
     moved: int = 0
-    oversize: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
 
 
@@ -179,6 +178,7 @@ class ImapSource:
             log.warning("UIDVALIDITY of %s changed (%s -> %s): rescanning; the ledger skips what was done",
                         s.folder, checkpoint[0], uidvalidity)
         uids = sorted(client.search(["ALL"]))
+        oversize = self._oversize() if uids else set()
         if self.examiner is None and self.examiner_factory is not None and len(uids) >= self.parallel_from:
             self.examiner = self.examiner_factory()
         for start in range(0, len(uids), s.batch_size):
@@ -187,13 +187,11 @@ class ImapSource:
             batch = uids[start:start + s.batch_size]
             destinations: dict[str, list[int]] = {}
             done: list[int] = []
-            oversize = self._oversize(batch)
-            if oversize:
-                destinations[s.review_folder] = oversize
-                done += oversize
-                summary.oversize += len(oversize)
-                skipped = set(oversize)
-                batch = [uid for uid in batch if uid not in skipped]
+            unread = [uid for uid in batch if uid in oversize]
+            if unread:
+                destinations[s.review_folder] = unread
+                done += unread
+                batch = [uid for uid in batch if uid not in oversize]
             fetched = client.fetch(batch, ["BODY.PEEK[]"]) if batch else {}
             present = [uid for uid in batch if b"BODY[]" in fetched.get(uid, {})]  # others were expunged meanwhile
             results = None
@@ -230,14 +228,12 @@ class ImapSource:
                     self.sink.set_checkpoint(s.name, uidvalidity, max(done))
         return summary
 
-    def _oversize(self, batch: list[int]) -> list[int]:
-        """Return the UIDs of the batch larger than the limit, warning about each (never reading it)."""
-        sizes = self.client.fetch(batch, ["RFC822.SIZE"])
+    def _oversize(self) -> set[int]:
+        """Return the UIDs of the messages larger than the limit, warning about each (never reading one)."""
         limit = self.settings.max_message_bytes
-        found = [uid for uid in batch if int(sizes.get(uid, {}).get(b"RFC822.SIZE", 0)) > limit]
-        for uid in found:
-            log.warning("IMAP message UID %s is %s bytes (limit %s): left unread for review", uid,
-                        sizes[uid][b"RFC822.SIZE"], limit)
+        found = set(self.client.search(["LARGER", limit]))
+        for uid in sorted(found):
+            log.warning("IMAP message UID %s is larger than %s bytes: left unread for review", uid, limit)
         return found
 
     def _ensure_folder(self, folder: str) -> None:
