@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from optout.lexicon import CJK_NEGATION_REACH, INTENT_CATEGORIES, NEGATION_REACH, Lexicon, Match
 from optout.model import Classification, Kind, Message, Scope
@@ -15,6 +17,7 @@ MAX_TOKENS = 6_000
 MAX_BODY_CHARS = 30_000
 MACHINE_WINDOW = 80
 BOUNCE_WINDOW = 400
+HYPOTHETICAL_REACH = 60  # tokens before a phrase where a conditional word ("if") still counts
 DAEMON_LOCAL_PARTS = frozenset({"mailer-daemon", "postmaster", "mail-daemon", "maildaemon", "mailerdaemon",
                                 "mail-delivery-system", "mdaemon", "bounce", "bounces", "nobody"})
 NO_REPLY_LOCAL_PARTS = frozenset({"noreply", "no-reply", "no_reply", "donotreply", "do-not-reply", "do_not_reply",
@@ -67,6 +70,11 @@ class Reading:
     has_question: bool
     subject_replied: bool
     question_ends: frozenset[int] = frozenset()
+
+    @cached_property
+    def stops(self) -> list[int]:
+        """Return the positions of the sentence ends in `tokens`, in order."""
+        return [index for index, token in enumerate(self.tokens) if token == STOP]
 
     @property
     def subject_tokens(self) -> list[str]:
@@ -228,15 +236,16 @@ def is_hypothetical(reading: Reading, match: Match, lexicon: Lexicon) -> bool:
     The sentence must end in a question mark and hold a conditional word of the phrase's or the message's
     language before the phrase (or, in Japanese, just after it: 退会したら).
     """
-    tokens = reading.tokens
-    end = match.end
-    while end < len(tokens) and tokens[end] != STOP:
-        end += 1
+    tokens, stops = reading.tokens, reading.stops
+    following = bisect.bisect_left(stops, match.end)
+    end = stops[following] if following < len(stops) else len(tokens)
     if end not in reading.question_ends:
         return False
-    start = match.start
-    while start > 0 and tokens[start - 1] != STOP:
-        start -= 1
+    preceding = bisect.bisect_left(stops, match.start)
+    start = stops[preceding - 1] + 1 if preceding else 0
+    # Only the words just before the phrase: a sentence of 6,000 words with 3,000 phrases in it cost
+    # 3,000 scans of the whole sentence (5 s for 22 KB of "delete my data").
+    start = max(start, match.start - HYPOTHETICAL_REACH)
     languages = {match.phrase.language, reading.language} - {None}
     words = [w for lang in languages for w in lexicon.conditional.get(lang, ())]
     around = [t for t in tokens[start:match.start] + tokens[match.end:match.end + 4] if t not in SENTINELS]

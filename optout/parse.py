@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import dataclasses
 import email.header
+import email.parser
 import email.policy
 import email.utils
 import hashlib
@@ -20,8 +22,10 @@ logging.getLogger("flanker.addresslib._parser.parser").setLevel(logging.ERROR)
 logging.getLogger("flanker").setLevel(logging.ERROR)
 
 from flanker import mime  # noqa: E402  (after the logger is quiet)
+from flanker.mime.message.headers import encodedword  # noqa: E402
 
 MAX_TEXT = 200_000
+MAX_PARSE_BYTES = 16 * 1024 * 1024
 MAX_HEADERS = 500
 MAX_HEADER_VALUE = 4_000
 MAX_PARTS = 1_000
@@ -42,14 +46,21 @@ def parse_message(raw: bytes, envelope_sender: str | None = None,
     raw = _trim_leading(raw)
     content = _content_hash(raw)
     defects += _header_defects(raw)
+    size = len(raw)
+    if size > MAX_PARSE_BYTES:
+        # flanker holds about five times a message in memory: past this, only the start is read (the
+        # person's words come first; what is cut is attachments), and a person looks at the rest.
+        raw = raw[:MAX_PARSE_BYTES]
+        defects.append(f"larger than {MAX_PARSE_BYTES} bytes: only the start was read")
     # flanker turns the whole message into text before it looks at any part, guessing the charset when
     # the bytes are not UTF-8, and never applies a part's declared charset to 8-bit text. So mail that is
     # not UTF-8 is handed over byte for byte as Latin-1, and `_body` decodes each part with its charset.
-    try:
-        raw.decode("utf-8")
-        source: bytes | str = raw
-    except UnicodeDecodeError:
-        source = raw.decode("latin-1")
+    source: bytes | str = raw
+    if not raw.isascii():  # isascii() copies nothing: a 50 MB message is not decoded just to be checked
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            source = raw.decode("latin-1")
     try:
         root = mime.from_string(source)
     except Exception as error:  # flanker raises many types on broken MIME; recover() is its lenient mode
@@ -65,12 +76,14 @@ def parse_message(raw: bytes, envelope_sender: str | None = None,
     )
     envelope["content_hash"] = content
     if root is None:
-        return _from_stdlib(raw, digest, defects, envelope)
-    try:
-        return _from_flanker(root, raw, digest, defects, envelope, isinstance(source, str))
-    except Exception as error:  # a part flanker accepted but cannot decode: keep what the headers say
-        defects.append(f"walk failed: {type(error).__name__}")
-        return _from_stdlib(raw, digest, defects, envelope)
+        message = _from_stdlib(raw, digest, defects, envelope)
+    else:
+        try:
+            message = _from_flanker(root, raw, digest, defects, envelope, isinstance(source, str))
+        except Exception as error:  # a part flanker accepted but cannot decode: keep what the headers say
+            defects.append(f"walk failed: {type(error).__name__}")
+            message = _from_stdlib(raw, digest, defects, envelope)
+    return message if message.size == size else dataclasses.replace(message, size=size)
 
 
 _STABLE_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"in-reply-to", b"content-type")
@@ -78,14 +91,31 @@ _STABLE_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"
 
 def _content_hash(raw: bytes) -> str:
     """Hash the body and the headers the author wrote, not the ones servers add on the way."""
-    normalised = raw.replace(b"\r\n", b"\n")
-    head, _, body = normalised.partition(b"\n\n")
+    # Without copying the body again (a 50 MB message costs 50 MB here, not 250): hash it through a view.
+    normalised = raw.replace(b"\r\n", b"\n") if b"\r" in raw else raw
+    end = normalised.find(b"\n\n")
+    head = normalised if end < 0 else normalised[:end]
+    body = memoryview(normalised)[end + 2 if end >= 0 else len(normalised):]
     stable = []
     for line in head.replace(b"\n ", b" ").replace(b"\n\t", b" ").split(b"\n"):
         name, colon, value = line.partition(b":")
         if colon and name.strip().lower() in _STABLE_HEADERS:
             stable.append(name.strip().lower() + b":" + b" ".join(value.split()))
-    return hashlib.sha256(b"\n".join(sorted(stable)) + b"\n\n" + body.rstrip()).hexdigest()
+    digest = hashlib.sha256(b"\n".join(sorted(stable)) + b"\n\n")
+    digest.update(body[:_rstripped_length(body)])
+    return digest.hexdigest()
+
+
+def _rstripped_length(data: memoryview, chunk: int = 65536) -> int:
+    """Return the length of data without its trailing whitespace (as bytes.rstrip() counts it), copying a chunk at a time."""
+    end = len(data)
+    while end > 0:
+        start = max(0, end - chunk)
+        kept = len(bytes(data[start:end]).rstrip())
+        if kept:
+            return start + kept
+        end = start
+    return 0
 
 
 _JMRP = re.compile(rb"x-hmxmroriginalrecipient", re.I)
@@ -148,12 +178,43 @@ def _first(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
     return next((value for key, value in headers if key == name), None)
 
 
-def _addresses(values: list[str]) -> list[tuple[str, str]]:
+ADDRESS_HEADERS = frozenset({"from", "to", "cc", "reply-to", "sender"})
+MAX_ADDRESS = 254  # RFC 5321 §4.5.3.1.3: a path is at most 256 octets, brackets included
+
+
+def _addresses(values: list[str], defects: list[str] | None = None) -> list[tuple[str, str]]:
+    """Return (display name, address) pairs from raw header values: parsed first, then the names decoded.
+
+    RFC 2047 §5: encoded words are decoded after parsing, or a name that decodes to ":" or "," or
+    "@" ("=?utf-8?q?M=C3=BCller=2C_Hans?=") changes which address is read.
+    """
+    try:
+        pairs = email.utils.getaddresses(values)
+    except Exception as error:  # the stdlib recurses once per nested comment: "((((…ann@example.net))))"
+        if defects is not None:
+            defects.append(f"unreadable address header: {type(error).__name__}")
+        return []
     result = []
-    for name, address in email.utils.getaddresses(values):
-        if "@" in address:
-            result.append((name.strip(), address.strip()))
+    for name, address in pairs:
+        address = address.strip()
+        local, at, domain = address.rpartition("@")
+        if at and local and domain and len(address) <= MAX_ADDRESS:
+            result.append((_decoded(name.strip()), address))
     return result
+
+
+def _decoded(name: str) -> str:
+    if "=?" not in name:
+        return name
+    try:
+        return encodedword.decode(name) or name  # flanker's decoder takes encoded and raw text mixed
+    except Exception:  # a broken encoded word stays as it was written
+        return name
+
+
+def _address_headers(items, latin: bool = False) -> tuple[tuple[str, str], ...]:
+    """Return the raw (undecoded) address headers among the first MAX_HEADERS headers."""
+    return tuple((name, value) for name, value in _headers_of(items, latin) if name in ADDRESS_HEADERS)
 
 
 def _display(name: str, address: str) -> str:
@@ -193,27 +254,29 @@ def _date(value: str | None) -> datetime | None:
 
 
 def _common(headers: tuple[tuple[str, str], ...], raw: bytes, digest: str, defects: list[str],
-            envelope: dict) -> dict:
-    from_ = _addresses([v for k, v in headers if k == "from"])
+            envelope: dict, address_headers: tuple[tuple[str, str], ...]) -> dict:
+    from_ = _addresses([v for k, v in address_headers if k == "from"], defects)
     sender_display = None
     sender = None
     if from_:
         name, address = from_[0]
         sender = normalise_address(address)
         sender_display = _display(name, address)
-    recipients = [normalise_address(a) for _, a in _addresses([v for k, v in headers if k in ("to", "cc")])]
+    recipients = [normalise_address(a) for _, a in _addresses([v for k, v in address_headers if k in ("to", "cc")],
+                                                               defects)]
     return_path = _first(headers, "return-path")
     if return_path is not None:
         return_path = return_path.strip()
         return_path = "" if return_path in ("<>", "") else normalise_address(return_path)
     references = tuple(ref for ref in (_first(headers, "references") or "").split() if ref.startswith("<"))
-    sender_header = _addresses([v for k, v in headers if k == "sender"])
+    sender_header = _addresses([v for k, v in address_headers if k == "sender"], defects)
     return dict(
         sha256=digest,
         size=len(raw),
         sender=sender,
         sender_display=sender_display,
-        reply_to=tuple(normalise_address(a) for _, a in _addresses([v for k, v in headers if k == "reply-to"])),
+        reply_to=tuple(normalise_address(a) for _, a in _addresses([v for k, v in address_headers if k == "reply-to"],
+                                                                   defects)),
         sender_header=normalise_address(sender_header[0][1]) if sender_header else None,
         return_path=return_path,
         recipients=tuple(dict.fromkeys(recipients)),
@@ -293,11 +356,11 @@ def _from_flanker(root, raw: bytes, digest: str, defects: list[str], envelope: d
     report = None
     if report_type:
         report = Report(report_type, tuple(report_fields), original_headers)
-    common = _common(headers, raw, digest, defects, envelope)
+    common = _common(headers, raw, digest, defects, envelope, _address_headers(root.headers.iteritems(raw=True), latin))
     return Message(
         **common,
         content_type=top_type,
-        text=text.replace("\r\n", "\n").replace("\r", "\n")[:MAX_TEXT],
+        text=text[:2 * MAX_TEXT].replace("\r\n", "\n").replace("\r", "\n")[:MAX_TEXT],
         text_from_html=text_from_html,
         attachments=tuple(attachments),
         report=report,
@@ -426,7 +489,12 @@ def _enclosed_headers(part) -> tuple[tuple[str, str], ...]:
 
 def _from_stdlib(raw: bytes, digest: str, defects: list[str], envelope: dict) -> Message:
     """Read what the headers say when flanker cannot parse the mail at all."""
-    parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+    try:
+        parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+    except Exception as error:  # the stdlib parser recurses once per nested multipart (RecursionError)
+        defects.append(f"stdlib parse failed: {type(error).__name__}")
+        parsed = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
+        parsed.set_payload(None)
     items = []
     for name, value in parsed.items():
         try:
@@ -439,5 +507,5 @@ def _from_stdlib(raw: bytes, digest: str, defects: list[str], envelope: dict) ->
     text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
     if not defects:
         defects.append("unreadable MIME")
-    common = _common(headers, raw, digest, defects, envelope)
+    common = _common(headers, raw, digest, defects, envelope, _address_headers(parsed.items()))
     return Message(**common, content_type=parsed.get_content_type(), text=text[:MAX_TEXT])

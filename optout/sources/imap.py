@@ -57,6 +57,8 @@ class ImapSettings:
     review_folder: str = "Review"
     review_reasons: tuple[str, ...] = ("unclear", "question", "malformed", "subscribe", "empty", "error")
     batch_size: int = 500
+    # Larger mail is never fetched: it goes to the review folder unread (SEARCH LARGER, RFC 3501 §6.4.4).
+    max_message_bytes: int = 32 * 1024 * 1024
     poll_seconds: int = 60
     timeout: float = 60.0
     dry_run: bool = False
@@ -179,15 +181,21 @@ class ImapSource:
             log.warning("UIDVALIDITY of %s changed (%s -> %s): rescanning; the ledger skips what was done",
                         s.folder, checkpoint[0], uidvalidity)
         uids = sorted(client.search(["ALL"]))
+        oversize = self._oversize() if uids else set()
         if self.examiner is None and self.examiner_factory is not None and len(uids) >= self.parallel_from:
             self.examiner = self.examiner_factory()
         for start in range(0, len(uids), s.batch_size):
             if self.stop.is_set():
                 break
             batch = uids[start:start + s.batch_size]
-            fetched = client.fetch(batch, ["BODY.PEEK[]"])
             destinations: dict[str, list[int]] = {}
             done: list[int] = []
+            unread = [uid for uid in batch if uid in oversize]
+            if unread:
+                destinations[s.review_folder] = unread
+                done += unread
+                batch = [uid for uid in batch if uid not in oversize]
+            fetched = client.fetch(batch, ["BODY.PEEK[]"]) if batch else {}
             present = [uid for uid in batch if b"BODY[]" in fetched.get(uid, {})]  # others were expunged meanwhile
             results = None
             if self.examiner is not None and len(present) > 1:
@@ -222,6 +230,14 @@ class ImapSource:
                 if done:
                     self.sink.set_checkpoint(s.name, uidvalidity, max(done))
         return summary
+
+    def _oversize(self) -> set[int]:
+        """Return the UIDs of the messages larger than the limit, warning about each (never reading one)."""
+        limit = self.settings.max_message_bytes
+        found = set(self.client.search(["LARGER", limit]))
+        for uid in sorted(found):
+            log.warning("IMAP message UID %s is larger than %s bytes: left unread for review", uid, limit)
+        return found
 
     def _ensure_folder(self, folder: str) -> None:
         if folder in self._folders:

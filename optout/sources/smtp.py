@@ -38,6 +38,12 @@ class PrivacyHandler:
         self.limits = limits
         self.lmtp = lmtp
 
+    async def handle_EHLO(self, server, session, envelope, hostname: str, responses: list[str]) -> list[str]:
+        # RFC 2920: commands are read and answered strictly in order, so a client may send them in groups;
+        # RFC 2033 §5: an LMTP server must offer it.
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options) -> str:
         # An allow-list, not a relay: anything but our own addresses is refused at RCPT.
         if not self.accepts(address):
@@ -86,6 +92,12 @@ def _protocol(base: type, handler: PrivacyHandler, connections: _Connections, li
             super().connection_made(transport)
             # A whole session may last this long, however busy the client keeps it.
             self._expiry = self.loop.call_later(limits.session_timeout, self._expire)
+
+        def _timeout_cb(self) -> None:
+            # aiosmtpd hangs up on an idle client without a word; RFC 5321 §3.8 asks for a 421 first.
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"421 4.4.2 Idle too long, closing\r\n")
+            super()._timeout_cb()
 
         def _expire(self) -> None:
             if self.transport is not None and not self.transport.is_closing():
