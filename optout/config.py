@@ -43,6 +43,7 @@ class Settings:
     imap_review_folder: str = "Review"
     imap_batch_size: int = 500
     imap_poll_seconds: int = 60
+    imap_max_message_bytes: int = 32 * 1024 * 1024
     workers: int = 1
     token_key_file: str | None = None
     token_max_age_days: int = 365
@@ -53,9 +54,10 @@ class Settings:
     smtp_lmtp: bool = False
     smtp_max_message_bytes: int = 10 * 1024 * 1024
     smtp_max_recipients: int = 20
-    smtp_command_timeout: int = 60
+    smtp_command_timeout: int = 300
     smtp_session_timeout: int = 600
     smtp_max_connections: int = 100
+    smtp_max_connections_per_ip: int = 10
     lock_file: str = "var/optout.lock"
     reply_from: str | None = None
     organisation: str = ""
@@ -130,6 +132,7 @@ SCHEMA: dict[str, dict[str, tuple[str, type, str | None]]] = {
         "review_reasons": ("imap_review_reasons", list, None),
         "batch_size": ("imap_batch_size", int, "positive"),
         "poll_seconds": ("imap_poll_seconds", int, "positive"),
+        "max_message_bytes": ("imap_max_message_bytes", int, "positive"),
     },
     "processing": {"workers": ("workers", int, "non-negative")},
     "web": {"listen": ("web_listen", str, "host-port")},
@@ -147,6 +150,7 @@ SCHEMA: dict[str, dict[str, tuple[str, type, str | None]]] = {
         "command_timeout": ("smtp_command_timeout", int, "positive"),
         "session_timeout": ("smtp_session_timeout", int, "positive"),
         "max_connections": ("smtp_max_connections", int, "positive"),
+        "max_connections_per_ip": ("smtp_max_connections_per_ip", int, "positive"),
     },
     "run": {"lock_file": ("lock_file", str, None)},
 }

@@ -111,6 +111,7 @@ def settings_for_imap(settings: Settings, dry_run: bool = False) -> ImapSettings
     return imap_settings(settings.imap_url, settings.imap_password, processed_folder=settings.imap_processed_folder,
                          review_folder=settings.imap_review_folder, review_reasons=settings.imap_review_reasons,
                          batch_size=settings.imap_batch_size, poll_seconds=settings.imap_poll_seconds,
+                         max_message_bytes=settings.imap_max_message_bytes,
                          dry_run=dry_run)
 
 
@@ -223,7 +224,7 @@ class Daemon:
 
         s = self.settings
         limits = SmtpLimits(s.smtp_max_message_bytes, s.smtp_max_recipients, s.smtp_command_timeout,
-                            s.smtp_session_timeout, s.smtp_max_connections)
+                            s.smtp_session_timeout, s.smtp_max_connections, s.smtp_max_connections_per_ip)
         handler = PrivacyHandler(submit, recipient_filter(s), limits, lmtp=s.smtp_lmtp)
         host, port = parse_listen(s.smtp_listen)
         try:

@@ -191,6 +191,28 @@ def test_connections_past_the_limit_get_421_and_a_freed_slot_is_reused(smtp_daem
     assert code == 220
 
 
+def test_one_address_cannot_hold_every_slot(smtp_daemon, connect):
+    endpoint = smtp_daemon(smtp_max_connections=10, smtp_max_connections_per_ip=2)
+    held = [connect(endpoint.port) for _ in range(2)]
+    assert [client.reply()[0] for client in held] == [220, 220]
+
+    extra = connect(endpoint.port)
+    refused, text = extra.reply()
+    assert refused == 421 and b"from your address" in text
+    assert extra.closed()
+
+    held[0].command(b"QUIT")
+    held[0].closed()
+    deadline = time.monotonic() + 5
+    while True:  # the slot of the one that left is this address's again
+        again = connect(endpoint.port)
+        code = again.reply()[0]
+        if code == 220 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert code == 220
+
+
 def test_pipelined_commands_are_answered_in_order_and_both_messages_recorded(smtp_daemon, connect):
     endpoint = smtp_daemon()
     client = connect(endpoint.port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -23,9 +24,10 @@ class SmtpLimits:
 
     max_message_bytes: int = 10 * 1024 * 1024
     max_recipients: int = 20
-    command_timeout: float = 60.0
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: at least 5 minutes (a whole DATA must fit in it)
     session_timeout: float = 600.0
     max_connections: int = 100
+    max_connections_per_ip: int = 10  # one host cannot hold every slot with idle connections
 
 
 class PrivacyHandler:
@@ -75,6 +77,7 @@ class _Connections:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.per_ip: Counter[str] = Counter()
 
 
 class _Refuse(asyncio.Protocol):
@@ -88,6 +91,14 @@ class _Refuse(asyncio.Protocol):
 def _protocol(base: type, handler: PrivacyHandler, connections: _Connections, limits: SmtpLimits, hostname: str):
     class Session(base):
         def connection_made(self, transport) -> None:
+            peer = transport.get_extra_info("peername")
+            self._peer = peer[0] if peer else ""
+            self._refused = connections.per_ip[self._peer] >= limits.max_connections_per_ip
+            if self._refused:
+                transport.write(b"421 4.7.0 Too many connections from your address, try again later\r\n")
+                transport.close()
+                return
+            connections.per_ip[self._peer] += 1
             connections.active += 1
             super().connection_made(transport)
             # A whole session may last this long, however busy the client keeps it.
@@ -105,7 +116,12 @@ def _protocol(base: type, handler: PrivacyHandler, connections: _Connections, li
                 self.transport.close()
 
         def connection_lost(self, error) -> None:
+            if self._refused:
+                return  # never started: nothing to stop
             connections.active -= 1
+            connections.per_ip[self._peer] -= 1
+            if connections.per_ip[self._peer] <= 0:
+                del connections.per_ip[self._peer]
             self._expiry.cancel()
             super().connection_lost(error)
 
