@@ -239,6 +239,7 @@ class Store:
 
     def __init__(self, path: str | Path, timeout: float = 5.0) -> None:
         self.path = Path(path)
+        self._head: str | None = None  # the last audit hash, while a write transaction of ours is open
         if self.path.is_dir():
             raise StoreError(f"{self.path}: is a folder, not a database file")
         try:
@@ -302,14 +303,15 @@ class Store:
         scopes = {row[0] for row in self.db.execute(
             "SELECT scope FROM suppressions WHERE address = ? OR (address IS NULL AND address_hash = ?)",
             [address, drop_hash(address)])}
-        open_kinds = {row[0] for row in self.db.execute(
-            "SELECT kind FROM requests WHERE address = ? AND status IN (?, ?)", [address, *OPEN])}
+        open_requests = self.db.execute(
+            "SELECT kind, status, reference, due_at FROM requests WHERE address = ? AND status IN (?, ?) ORDER BY id",
+            [address, *OPEN]).fetchall()
+        open_kinds = {row[0] for row in open_requests}
         since = _iso(now - timedelta(days=1))
         replied = [row[0] for row in self.db.execute(
             "SELECT kind FROM outbox WHERE to_address = ? AND created_at >= ?", [address, since])]
-        awaiting = tuple((kind, reference, datetime.fromisoformat(due)) for kind, reference, due in self.db.execute(
-            "SELECT kind, reference, due_at FROM requests WHERE address = ? AND status = 'awaiting-verification' "
-            "AND reference IS NOT NULL ORDER BY id", [address]))
+        awaiting = tuple((kind, reference, datetime.fromisoformat(due)) for kind, status, reference, due
+                         in open_requests if status == "awaiting-verification" and reference)
         return History(frozenset(scopes), frozenset(open_kinds), len(replied), frozenset(replied), awaiting)
 
     def record(self, message: Message, classification: Classification, decision: Decision, source: str,
@@ -318,7 +320,7 @@ class Store:
         at = _iso(now)
         key = message.key
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            self._begin()
         except sqlite3.OperationalError as error:
             raise _store_error(error, self.path) from error
         try:
@@ -390,14 +392,18 @@ class Store:
         return Recorded(False, added, tuple(request_ids))
 
     def _audit(self, at: str, event: str, address: str | None, key: str | None, detail: dict) -> None:
-        # Each event carries the hash of the one before it, so a rewritten history shows.
-        row = self.db.execute("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-        prev = row[0] if row else GENESIS
+        # Each event carries the hash of the one before it, so a rewritten history shows. Inside one write
+        # transaction nobody else can append, so the last hash is read once per transaction, not per event.
+        prev = self._head if self._head is not None and self.db.conn.in_transaction else None
+        if prev is None:
+            row = self.db.execute("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+            prev = row[0] if row else GENESIS
         address_hash = drop_hash(address) if address else None
         body = json.dumps(detail, sort_keys=True, ensure_ascii=False)
         digest = _link(prev, at, event, address_hash, key, body)
         self.db.execute("INSERT INTO audit (at, event, address_hash, message_key, detail, prev_hash, hash) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", [at, event, address_hash, key, body, prev, digest])
+        self._head = digest
 
     # ------------------------------------------------------------ outbox
 
@@ -719,7 +725,7 @@ class Store:
 
     def audit_event(self, event: str, address: str | None, key: str | None, detail: dict, now: datetime) -> None:
         """Append one event to the audit log in its own transaction."""
-        self.db.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             self._audit(_iso(now), event, address, key, detail)
             self.db.execute("COMMIT")
@@ -909,6 +915,7 @@ class Store:
         return removed
 
     def _begin(self) -> None:
+        self._head = None
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
@@ -917,6 +924,7 @@ class Store:
     def _rollback(self) -> None:
         # SQLite may have rolled the whole transaction back itself (SQLITE_FULL, SQLITE_IOERR): a second
         # ROLLBACK would raise and hide the error that caused it.
+        self._head = None
         if self.db.conn.in_transaction:
             self.db.execute("ROLLBACK")
 
