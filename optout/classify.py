@@ -230,6 +230,40 @@ def is_negated(tokens: list[str], match: Match, lexicon: Lexicon, language: str 
     return False
 
 
+def _explained_deletions(positive: dict[str, list[Match]]) -> None:
+    """Drop a deletion phrase that an opt-out phrase continues: "delete me from the newsletter list" is an opt-out.
+
+    The opt-out phrase overlaps the deletion words and goes on past them (to a list, a newsletter): the longer
+    reading wins. A deletion phrase elsewhere in the text ("… and delete my data") stands.
+    """
+    deletions = positive.get("deletion.erasure")
+    if not deletions:
+        return
+    spans = [(m.start, m.end) for category in SCOPE_CATEGORIES for m in positive.get(category, ())]
+    kept = [m for m in deletions if not any(start < m.end and m.start < end and end > m.end for start, end in spans)]
+    if kept:
+        positive["deletion.erasure"] = kept
+    else:
+        del positive["deletion.erasure"]
+
+
+def _subject_as_topic(positive: dict[str, list[Match]], negated: list[Match], subject_end: int) -> None:
+    """Treat an opt-out word in the subject as the topic when the text only asks about it.
+
+    "Subject: Question about unsubscribing / If I unsubscribe, do I lose my points?": the text's own opt-out
+    phrases are all negated or hypothetical and none stands, so the subject names what the question is about.
+    """
+    body_negated = [m for m in negated if m.start >= subject_end and m.phrase.category.startswith("opt-out")]
+    if not body_negated:
+        return
+    for category in SCOPE_CATEGORIES:
+        matches = positive.get(category, [])
+        if matches and all(m.start < subject_end for m in matches) and not any(
+                m.start >= subject_end for c in SCOPE_CATEGORIES for m in positive.get(c, ())):
+            negated.extend(matches)
+            del positive[category]
+
+
 def is_hypothetical(reading: Reading, match: Match, lexicon: Lexicon) -> bool:
     """Say whether a phrase sits in a conditional question: "If I unsubscribe, do I lose my points?".
 
@@ -409,6 +443,8 @@ def classify(message: Message, lexicon: Lexicon, unsubscribe_addresses: tuple[st
             negated.append(match)  # asked about, not asked for
         else:
             positive.setdefault(match.phrase.category, []).append(match)
+    _explained_deletions(positive)
+    _subject_as_topic(positive, negated, subject_end)
     language = reading.language or next((m.phrase.language for ms in positive.values() for m in ms), None)
     addressed = any(is_unsubscribe_address(a, unsubscribe_addresses) for a in message.all_recipients)
 
