@@ -242,13 +242,18 @@ def test_a_bare_lf_dot_never_ends_the_data_so_nothing_is_smuggled(smtp_daemon, c
     assert len(rows) == 1 and rows[0][0].startswith("<carrier-")
 
 
-def test_a_short_message_with_bare_lf_line_ends_is_accepted_and_read(smtp_daemon, connect):
-    endpoint = smtp_daemon()
-    client = connect(endpoint.port)
+def start_data(client):
+    """Greet, name a sender and our recipient, and open DATA: the client may now send the message."""
     client.reply()
     for line in (b"EHLO lf.example", b"MAIL FROM:<ann@example.net>", b"RCPT TO:<privacy@example.com>"):
         assert client.command(line) == 250
     assert client.command(b"DATA") == 354
+    return client
+
+
+def test_a_short_message_with_bare_lf_line_ends_is_accepted_and_read(smtp_daemon, connect):
+    endpoint = smtp_daemon()
+    client = start_data(connect(endpoint.port))
     message = make_mail("Please unsubscribe me.", subject="Hi", message_id="<bare-lf@example.net>")
     assert b"\r" not in message and len(message) < 1000
 
@@ -260,11 +265,7 @@ def test_a_short_message_with_bare_lf_line_ends_is_accepted_and_read(smtp_daemon
 
 def test_a_long_message_with_bare_lf_line_ends_is_refused_with_500(smtp_daemon, connect):
     endpoint = smtp_daemon()
-    client = connect(endpoint.port)
-    client.reply()
-    for line in (b"EHLO lf.example", b"MAIL FROM:<ann@example.net>", b"RCPT TO:<privacy@example.com>"):
-        assert client.command(line) == 250
-    assert client.command(b"DATA") == 354
+    client = start_data(connect(endpoint.port))
     message = make_mail("Please unsubscribe me.\n" + "more words on a line\n" * 100, subject="Hi")
 
     client.send(message + b"\r\n.\r\n")
