@@ -50,10 +50,15 @@ class Outcome:
     decision: Decision
     request_ids: tuple[int, ...] = ()
     reply: Rendered | None = None
+    recorded_action: str = ""  # a duplicate: what was done when the message was first recorded
 
     def filed_as(self, review_reasons: tuple[str, ...]) -> str | None:
-        """Return the kind a mailbox files this message under, or None for the review folder (policy decides)."""
-        return mailbox_folder(self.classification, review_reasons, self.decision.action)
+        """Return the kind a mailbox files this message under, or None for the review folder (policy decides).
+
+        A duplicate (a crash between the commit and the move) is filed as it would have been the first time.
+        """
+        action = self.recorded_action if self.duplicate else self.decision.action
+        return mailbox_folder(self.classification, review_reasons, action)
 
 
 def examine(raw: bytes, pipeline: Pipeline, envelope_sender: str | None = None,
@@ -76,9 +81,10 @@ def process(raw: bytes, source: str, store: Store, pipeline: Pipeline, now: date
 def complete(message: Message, classification: Classification, source: str, store: Store, pipeline: Pipeline,
              now: datetime) -> Outcome:
     """Decide, render and record a message already parsed and classified (the writer's half of `process`)."""
-    if store.seen(message.key):
+    earlier = store.recorded_action(message.key)
+    if earlier is not None:
         decision = Decision("duplicate", notes=("already in the ledger",))
-        return Outcome(message.key, source, True, message, classification, decision)
+        return Outcome(message.key, source, True, message, classification, decision, recorded_action=earlier)
     token = check_token(message, store, pipeline, now)
     confirmation = check_confirm_token(message, classification, store, pipeline, now)
     history = store.history(token.address if token and token.status == "valid" else message.sender, now)

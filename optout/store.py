@@ -294,6 +294,11 @@ class Store:
         """Say whether a message key is in the ledger."""
         return self.db.execute("SELECT 1 FROM ledger WHERE key = ?", [key]).fetchone() is not None
 
+    def recorded_action(self, key: str) -> str | None:
+        """Return what was done when a message was recorded (its ledger action), or None when it is new."""
+        row = self.db.execute("SELECT action FROM ledger WHERE key = ?", [key]).fetchone()
+        return row[0] if row else None
+
     def history(self, address: str | None, now: datetime) -> History:
         """Return what is known about an address: suppressed scopes, open requests, replies in the last day."""
         if not address:

@@ -298,3 +298,22 @@ def test_a_message_that_breaks_processing_is_kept_for_review_not_fatal(tmp_path,
         # Once the cause is gone, the same mail is processed normally (the failure's key is the bytes alone).
         fixed = Intake(store, Pipeline(lexicon), clock=lambda: NOW).submit(raw, "imap", keep_failures=True)
         assert not fixed.duplicate and fixed.classification.kind.value == "opt-out"
+
+
+def test_a_confirmation_is_filed_as_confirmed_also_when_it_comes_again(store, lexicon):
+    import re
+
+    from optout.replies import template_environment
+
+    pipeline = Pipeline(lexicon, templates=template_environment(), reply_from="privacy@example.com")
+    request = process(make_mail("Please send me a copy of my personal data.", message_id="<acc@example.net>"),
+                      "imap", store, pipeline, NOW)
+    token = re.search(rb"confirm-([a-z2-7]{16})", request.reply.raw).group(1).decode()
+    confirmation = make_mail("Yes, that was me.", subject="Re: confirm", to=f"privacy+confirm-{token}@example.com",
+                             message_id="<conf@example.net>")
+
+    first = process(confirmation, "imap", store, pipeline, NOW)
+    again = process(confirmation, "imap", store, pipeline, NOW)  # a crash between the commit and the move
+
+    assert first.decision.action == "verify" and first.filed_as(("unclear", "question")) == "confirmed"
+    assert again.duplicate and again.filed_as(("unclear", "question")) == "confirmed"
