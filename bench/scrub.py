@@ -17,7 +17,6 @@ import csv
 import os
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

@@ -896,10 +896,7 @@ def requests_fulfil(state: Context, request_id: str, verified_by: str | None) ->
     from optout.fulfil import fulfil
 
     found = _request_or_fail(state, request_id)
-    if verified_by and found["status"] == "awaiting-verification":
-        state.store.change_request(found["id"], now(), "request.verified", {"by": "admin", "how": verified_by},
-                                   status="verified")
-    done = fulfil(state.store, found["id"], now(), state.pipeline.fulfilment, by="admin")
+    done = fulfil(state.store, found["id"], now(), state.pipeline.fulfilment, by="admin", verified_by=verified_by)
     verb = "sent" if found["kind"] == "access" else "erased"
     listed = ", ".join(f"{count} {place}" for place, count in done.items() if count) or "nothing was held"
     click.echo(f"request {found['reference'] or found['id']} fulfilled; {verb}: {listed}")
@@ -947,13 +944,12 @@ def requests_extend(state: Context, request_id: str, days: int, reason: str) -> 
     from datetime import timedelta
 
     from optout.errors import RefusedError
-    from optout.policy import JURISDICTIONS
+    from optout.policy import extension_refused
 
     found = _request_or_fail(state, request_id)
-    allowed = JURISDICTIONS[found["jurisdiction"]]["extension_days"]
-    if found["extended_days"] + days > allowed:
-        raise RefusedError(f"{found['jurisdiction'].upper()} allows {allowed} days of extension in all; request "
-                           f"{found['reference'] or found['id']} has had {found['extended_days']}")
+    why = extension_refused(found["jurisdiction"], found["extended_days"], days)
+    if why:
+        raise RefusedError(f"request {found['reference'] or found['id']}: {why}")
     due = datetime.fromisoformat(found["due_at"]) + timedelta(days=days)
     state.store.change_request(found["id"], now(), "request.extend", {"days": days, "reason": reason,
                                                                        "due_at": due.isoformat()}, due_at=due,

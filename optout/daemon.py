@@ -53,12 +53,8 @@ def make_pipeline(settings: Settings) -> Pipeline:
                     fulfilment=make_fulfilment(settings, templates))
 
 
-def make_fulfilment(settings: Settings, templates=None) -> Fulfilment:
+def make_fulfilment(settings: Settings, templates) -> Fulfilment:
     """Build what fulfilling requests needs: templates, sender, contact tables, automatic or held."""
-    if templates is None:
-        from optout.replies import template_environment
-
-        templates = template_environment(Path(settings.templates_dir) if settings.templates_dir else None)
     return Fulfilment(templates, settings.sender, settings.organisation, settings.contact_tables,
                       settings.contacts_database, automatic=settings.fulfil == "automatic")
 

@@ -75,6 +75,15 @@ def request_deadlines(received_at: datetime, rules: Rules, child: bool = False) 
     return ack, due
 
 
+def extension_refused(jurisdiction: str, extended_days: int, days: int) -> str | None:
+    """Say why extending a request by `days` more is not allowed (past the law's limit in all), or None."""
+    allowed = JURISDICTIONS[jurisdiction]["extension_days"]
+    if extended_days + days > allowed:
+        return (f"{jurisdiction.upper()} allows {allowed} days of extension in all; this request has had "
+                f"{extended_days}")
+    return None
+
+
 def confirm_tokens(message: Message, privacy_addresses: tuple[str, ...]) -> list[str]:
     """Return the confirmation tokens a message carries: in privacy+confirm-TOKEN@ first, then in its subject."""
     locals_ = {normalise_address(a).rpartition("@")[0] for a in privacy_addresses}

@@ -14,7 +14,6 @@ import statistics
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-import contextlib
 
 import sqlite_utils
 
@@ -292,7 +291,7 @@ class Store:
 
     def seen(self, key: str) -> bool:
         """Say whether a message key is in the ledger."""
-        return self.db.execute("SELECT 1 FROM ledger WHERE key = ?", [key]).fetchone() is not None
+        return self.recorded_action(key) is not None
 
     def recorded_action(self, key: str) -> str | None:
         """Return what was done when a message was recorded (its ledger action), or None when it is new."""
@@ -592,12 +591,12 @@ class Store:
         """Return the rows of the configured contact tables ("TABLE.COLUMN") whose column holds the address."""
         address = normalise_address(address)
         found: dict[str, list[dict]] = {}
-        with self._contacts(database) as schema:
-            for spec in tables:
-                table, column = contact_column(spec)
-                found[spec] = _dicts(self.db.execute(
-                    f"SELECT * FROM {quote_identifier(schema)}.{quote_identifier(table)} "
-                    f"WHERE lower(trim({quote_identifier(column)})) = ?", [address]))
+        schema = self._contact_schema(database)
+        for spec in tables:
+            table, column = contact_column(spec)
+            found[spec] = _dicts(self.db.execute(
+                f"SELECT * FROM {quote_identifier(schema)}.{quote_identifier(table)} "
+                f"WHERE lower(trim({quote_identifier(column)})) = ?", [address]))
         return found
 
     def personal_data(self, address: str, tables: tuple[str, ...] = (), database: str | None = None) -> dict:
@@ -640,30 +639,20 @@ class Store:
             [digest, address]).rowcount
         erased["unsubscribe_tokens"] = self.db.execute("DELETE FROM tokens WHERE address = ?", [address]).rowcount
         if tables:
-            with self._contacts(database, in_transaction=True) as schema:
-                for spec in tables:
-                    table, column = contact_column(spec)
-                    erased[spec] = self.db.execute(
-                        f"DELETE FROM {quote_identifier(schema)}.{quote_identifier(table)} "
-                        f"WHERE lower(trim({quote_identifier(column)})) = ?", [address]).rowcount
+            schema = self._contact_schema(database)  # attached before the transaction began (change_request)
+            for spec in tables:
+                table, column = contact_column(spec)
+                erased[spec] = self.db.execute(
+                    f"DELETE FROM {quote_identifier(schema)}.{quote_identifier(table)} "
+                    f"WHERE lower(trim({quote_identifier(column)})) = ?", [address]).rowcount
         return erased
 
-    @contextlib.contextmanager
-    def _contacts(self, database: str | None, in_transaction: bool = False):
-        """Yield the schema that holds the contact tables: "main", or another SQLite file attached for the while."""
+    def _contact_schema(self, database: str | None) -> str:
+        """Return the schema that holds the contact tables: "main", or "contacts" (that file, attached once)."""
         if not database:
-            yield "main"
-            return
-        attached = any(row[1] == "contacts" for row in self.db.execute("PRAGMA database_list"))
-        if not attached:
-            if in_transaction:
-                raise StoreError("the contact database must be attached before the transaction (attach_contacts)")
-            self.attach_contacts(database)
-        try:
-            yield "contacts"
-        finally:
-            if not attached:
-                self.db.execute("DETACH DATABASE contacts")
+            return "main"
+        self.attach_contacts(database)
+        return "contacts"
 
     def attach_contacts(self, database: str) -> None:
         """Attach the SQLite file that holds the contact tables (as schema "contacts"), once."""

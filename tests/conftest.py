@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
@@ -17,6 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures" / "mail"
 CORPORA = Path(os.environ.get("OPTOUT_CORPORA", ROOT.parent / "shared" / "corpora"))
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    """A clock the test moves by hand (the `now=` seam): call it for the time, `advance(hours=1)` to move it."""
+
+    def __init__(self, start: datetime = NOW) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta) -> None:
+        self.now += timedelta(**delta)
 
 
 def make_mail(body: str = "", subject: str = "Hello", sender: str = "Ann Example <ann@example.net>",
@@ -201,3 +214,24 @@ def relay():
     server = Relay()
     yield server
     server.close()
+
+
+def run_bytes(args, cwd, stdin=None, database="optout.db", now=NOW, extra_env=None) -> subprocess.CompletedProcess:
+    """Run `optout ARGS` in cwd on cwd/DATABASE at a fixed `now`; output as bytes (stdin may be bytes too)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OPTOUT_")}
+    env["OPTOUT_NOW"] = now.isoformat()
+    if database is not None:
+        env["OPTOUT_DATABASE"] = str(Path(cwd) / database)
+    env.update(extra_env or {})
+    return subprocess.run(optout_command() + list(args), cwd=cwd, env=env, input=stdin, capture_output=True,
+                          timeout=60)
+
+
+def out(result) -> str:
+    """Return a run's standard output as text."""
+    return result.stdout.decode("utf-8")
+
+
+def err(result) -> str:
+    """Return a run's standard error as text."""
+    return result.stderr.decode("utf-8")

@@ -1,14 +1,13 @@
 import json
 import mailbox
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import NOW, make_mail
+from conftest import err, make_mail, out
+from conftest import run_bytes as run
 
 OPTOUT = Path(sys.executable).parent / "optout"
 JSON_KEYS = {"path", "kind", "reason", "scope", "sender", "language", "rule", "evidence", "confidence"}
@@ -21,23 +20,6 @@ ACCESS = make_mail("Please send me a copy of all personal data you hold about me
                    sender="Cy <cy@example.net>", message_id="<access.1@example.net>")
 OTHER = make_mail("When does your shop open on Sunday?", subject="Opening hours",
                   sender="Dan <dan@example.net>", message_id="<other.1@example.net>")
-
-
-def run(args, cwd, stdin=None, database="optout.db", extra_env=None):
-    env = {key: value for key, value in os.environ.items() if not key.startswith("OPTOUT_")}
-    env["OPTOUT_NOW"] = NOW.isoformat()
-    if database is not None:
-        env["OPTOUT_DATABASE"] = str(Path(cwd) / database)
-    env.update(extra_env or {})
-    return subprocess.run([str(OPTOUT), *args], cwd=cwd, env=env, input=stdin, capture_output=True, timeout=60)
-
-
-def out(result):
-    return result.stdout.decode("utf-8")
-
-
-def err(result):
-    return result.stderr.decode("utf-8")
 
 
 def write_mail(folder, **messages):

@@ -10,14 +10,13 @@ from datetime import timedelta
 
 import pytest
 
-from conftest import NOW, query
+from conftest import NOW, Clock, query
 from optout.config import Settings
 from optout.daemon import make_pipeline
 from optout.outbox import RelayTransport, flush, relay_settings
 from optout.process import Intake
 from optout.store import Store
 from optout.tokens import TOKEN_LENGTH, make_token
-from relay import Relay
 
 FLOOD = 10_000
 FORGED = (b"From: Person %d <forged%d@example.org>\r\n"
@@ -27,21 +26,6 @@ FORGED = (b"From: Person %d <forged%d@example.org>\r\n"
           b"Message-ID: <flood-%d@example.org>\r\n"
           b"\r\n"
           b"Please unsubscribe me from all your mailings.\r\n")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture
-def relay():
-    server = Relay()
-    yield server
-    server.close()
 
 
 def test_ten_thousand_forged_opt_outs_suppress_all_and_send_at_most_the_hourly_cap(tmp_path, relay):

@@ -16,7 +16,6 @@ import os
 import re
 import time
 
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from optout.classify import classify

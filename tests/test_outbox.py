@@ -9,7 +9,6 @@ import smtplib
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,22 +19,9 @@ from optout.process import Pipeline, process
 from optout.replies import template_environment
 from optout.store import Store
 
-from conftest import NOW, make_mail
+from conftest import NOW, Clock, make_mail
 
 OPTOUT = Path(sys.executable).parent / "optout"
-
-
-class Clock:
-    """A clock the test moves by hand (the `now=` seam)."""
-
-    def __init__(self, start=NOW):
-        self.now = start
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, **delta):
-        self.now += timedelta(**delta)
 
 
 @pytest.fixture

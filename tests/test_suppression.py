@@ -3,7 +3,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOW, make_mail
+from conftest import NOW, err, make_mail, out
+from conftest import run_bytes as run
 from optout.suppression import Entry, Problem, address_problem, detect_format, read_import
 
 OPTOUT = Path(sys.executable).parent / "optout"
@@ -19,22 +19,6 @@ OPT_OUT = make_mail("Please stop sending me emails. I want to opt out.", subject
                     sender="Ann <ann@example.net>", message_id="<optout.1@example.net>")
 DELETION = make_mail("Please delete my personal data and close my account.", subject="Delete my data",
                      sender="Bob <bob@example.net>", message_id="<delete.1@example.net>")
-
-
-def run(args, cwd, stdin=None, now=NOW, extra_env=None):
-    env = {key: value for key, value in os.environ.items() if not key.startswith("OPTOUT_")}
-    env["OPTOUT_NOW"] = now.isoformat()
-    env["OPTOUT_DATABASE"] = str(Path(cwd) / "optout.db")
-    env.update(extra_env or {})
-    return subprocess.run([str(OPTOUT), *args], cwd=cwd, env=env, input=stdin, capture_output=True, timeout=60)
-
-
-def out(result):
-    return result.stdout.decode("utf-8")
-
-
-def err(result):
-    return result.stderr.decode("utf-8")
 
 
 def ok(result):

@@ -6,8 +6,6 @@ relay); the test answers it as a mail client would; the fulfilment arrives at th
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import re
 import smtplib
@@ -21,21 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOW, LoopThread, make_mail, optout_command, optout_env, query
+from conftest import NOW, Clock, LoopThread, make_mail, optout_command, optout_env, query
 from relay import Relay
 
 ANN = "Ann Example <ann@example.net>"
 MALLORY = "Mallory <mallory@example.org>"
-
-
-class Clock:
-    """The daemon's clock, moved by the test (the `now=` seam)."""
-
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self):
-        return self.now
 
 
 class Desk:
